@@ -1,0 +1,274 @@
+"""The one Detector API every model shares: ``fit``, ``predict``, ``save``/``load``.
+
+A detector is two parts, as in Anomalib: a plain ``torch.nn.Module`` (``self.model``, built by
+``build_model``) whose ``forward(batch)`` maps images in [0, 1], shape (N, 3, S, S), to
+``(scores (N,), anomaly_maps (N, S, S))`` — the whole inference, so an exported model is the in-framework
+model — and the training logic in the Detector subclass (``_fit``). No Lightning.
+
+Saved models are a folder: ``config.json`` (model name, config, calibration) and ``model.safetensors``
+(every tensor of the module, memory banks and statistics included). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from detect.data import ImageInput, iter_batches, load_rgb, load_tensor, resize_mask, resolve_images
+from detect.threshold import Calibration, calibrate
+from synth.defect_set import DefectSet, read_defect_set
+from synth.errors import ConfigError, InputError
+from synth.io import write_json
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class DetectorConfig:
+    """Settings every detector has; each model extends this dataclass with its own fields.
+
+    image_size: square input size; every image is resized to it (see detect.data).
+    threshold_method: "auto", "f1" or "percentile" (see detect.threshold).
+    val_fraction: share of the training normals held out for threshold calibration when ``fit`` gets no
+        validation data (only when there are at least 5 training images).
+    synthetic_val: add synthetic anomalies (synth CutPaste + DRAEM) to validation data that has none, so the
+        F1 threshold always sees both classes.
+    """
+
+    image_size: int = 256
+    seed: int = 0
+    batch_size: int = 16
+    threshold_method: str = "auto"
+    threshold_percentile: float = 99.0
+    val_fraction: float = 0.2
+    synthetic_val: bool = True
+
+    def __post_init__(self) -> None:
+        self.check(self.image_size >= 32 and self.image_size % 8 == 0, "image_size", "a multiple of 8, >= 32")
+        self.check(self.batch_size >= 1, "batch_size", ">= 1")
+        self.check(self.threshold_method in ("auto", "f1", "percentile"), "threshold_method",
+                   "'auto', 'f1' or 'percentile'")
+        self.check(0 < self.threshold_percentile <= 100, "threshold_percentile", "in (0, 100]")
+        self.check(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)")
+
+    def check(self, ok: bool, key: str, allowed: str) -> None:
+        """Raise a ConfigError naming ``key`` when ``ok`` is false."""
+        if not ok:
+            raise ConfigError(f"{type(self).__qualname__}: key '{key}' must be {allowed} (got {getattr(self, key)!r})")
+
+
+@dataclass
+class Prediction:
+    """Output of ``Detector.predict`` for N images.
+
+    scores: raw image anomaly scores (higher = more anomalous), (N,).
+    anomaly_maps: raw pixel scores at the model input size, (N, S, S).
+    image_shapes: original (H, W) of each image, for resizing maps back (detect.data.resize_map).
+    normalized_scores / labels / masks: present once the detector is calibrated (threshold -> 0.5).
+    """
+
+    scores: np.ndarray
+    anomaly_maps: np.ndarray
+    image_shapes: list[tuple[int, int]]
+    normalized_scores: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    masks: np.ndarray | None = None
+
+
+@dataclass
+class ValidationData:
+    images: list[ImageInput]
+    labels: np.ndarray
+    masks: list[np.ndarray | None]
+    anomalies_are: str = "real"
+
+
+class Detector:
+    """Base class; subclasses set ``name``, ``paradigm``, ``Config`` and implement ``build_model``/``_fit``."""
+
+    name: ClassVar[str] = ""
+    paradigm: ClassVar[str] = ""
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init__(self, _loading: bool = False, **config: Any):
+        # _loading: built by detect.load(), whose weights file replaces every tensor, so pretrained
+        # backbone weights need not (and, on another machine, might not) be found again.
+        self.loading = _loading
+        known = {f.name for f in fields(self.Config)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(known)}")
+        self.config = self.Config(**config)
+        self.calibration: Calibration | None = None
+        self.fitted = False
+        self.model = self.build_model()
+
+    # ----- to implement -------------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _fit(self, images: list[ImageInput], progress: bool) -> None:
+        raise NotImplementedError
+
+    # ----- shared logic ---------------------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({asdict(self.config)})"
+
+    def load_tensor(self, images: list[ImageInput]) -> torch.Tensor:
+        """Training images as one (N, 3, S, S) tensor in [0, 1]."""
+        return load_tensor(images, self.config.image_size)
+
+    def fit(self, train: DefectSet | str | Path | list[ImageInput], val: DefectSet | str | Path | list | None = None,
+            *, progress: bool = True) -> Detector:
+        """Train on normal images, then calibrate the threshold on validation data.
+
+        ``train``: a defect set / MVTec folder (its ``train/good``), an image folder or a list of images.
+        ``val``: a defect set / MVTec folder (its ``test`` split, labels and masks used), or normal images;
+        when omitted, ``val_fraction`` of the training normals is held out (5 or more images).
+        """
+        images = resolve_images(train)
+        torch.manual_seed(self.config.seed)
+        held_out: list[ImageInput] = []
+        if val is None and len(images) >= 5 and self.config.val_fraction > 0:
+            order = np.random.default_rng(self.config.seed).permutation(len(images))
+            n_val = max(1, int(round(self.config.val_fraction * len(images))))
+            held_out = [images[i] for i in sorted(order[:n_val])]
+            images = [images[i] for i in sorted(order[n_val:])]
+        self._fit(images, progress)
+        self.model.eval()
+        self.fitted = True
+        validation = self._validation_data(val, held_out or images)
+        self.calibration = self._calibrate(validation)
+        return self
+
+    def _validation_data(self, val: DefectSet | str | Path | list | None, fallback: list[ImageInput]
+                         ) -> ValidationData:
+        if isinstance(val, (str, Path)) and Path(val).is_dir() and (Path(val) / "test").is_dir():
+            val = read_defect_set(val)
+        if isinstance(val, DefectSet):
+            samples = val.select(split="test") or val.select()
+            images = [val.image_path(s) for s in samples]
+            labels = np.array([s.is_anomalous for s in samples])
+            masks = [val.load_mask(s) if s.is_anomalous and s.mask is not None else None for s in samples]
+            data = ValidationData(images, labels, masks)
+        else:
+            images = resolve_images(val) if val is not None else list(fallback)
+            data = ValidationData(images, np.zeros(len(images), bool), [None] * len(images))
+        if not data.labels.any() and self.config.synthetic_val and self.config.threshold_method != "percentile":
+            data = add_synthetic_anomalies(data, seed=self.config.seed)
+        return data
+
+    def _calibrate(self, data: ValidationData) -> Calibration:
+        prediction = self._predict_raw(data.images, progress=False)
+        size = self.config.image_size
+        anomalous = data.labels
+        masks = [resize_mask(m, size) if m is not None else np.zeros((size, size), bool) for m in data.masks]
+        have_masks = all(m is not None for m, a in zip(data.masks, anomalous, strict=True) if a)
+        return calibrate(
+            prediction.scores[~anomalous], prediction.scores[anomalous] if anomalous.any() else None,
+            method=self.config.threshold_method, q=self.config.threshold_percentile,
+            normal_maps=prediction.anomaly_maps[~anomalous],
+            anomalous_maps=prediction.anomaly_maps[anomalous] if anomalous.any() and have_masks else None,
+            anomalous_masks=np.stack([masks[i] for i in np.flatnonzero(anomalous)])
+            if anomalous.any() and have_masks else None,
+            anomalies_are=data.anomalies_are,
+        )
+
+    @torch.no_grad()
+    def _predict_raw(self, images: Any, *, batch_size: int | None = None, progress: bool = False) -> Prediction:
+        if not self.fitted:
+            raise InputError(f"{self.name}: the model is not fitted; call fit() or load a saved model first.")
+        self.model.eval()
+        scores, maps, shapes = [], [], []
+        items = images if not isinstance(images, np.ndarray) or images.ndim == 4 else [images]
+        total = len(items) if hasattr(items, "__len__") else None
+        with tqdm(total=total, desc=f"{self.name} predict", unit="img", disable=not progress) as bar:
+            for batch, batch_shapes in iter_batches(items, self.config.image_size,
+                                                    batch_size or self.config.batch_size):
+                batch_scores, batch_maps = self.model(batch)
+                scores.append(batch_scores.float().cpu().numpy())
+                maps.append(batch_maps.float().cpu().numpy())
+                shapes.extend(batch_shapes)
+                bar.update(len(batch_shapes))
+        if not scores:
+            raise InputError("no images to predict.")
+        return Prediction(np.concatenate(scores), np.concatenate(maps), shapes)
+
+    def predict(self, images: Any, *, batch_size: int | None = None, progress: bool = False) -> Prediction:
+        """Score images (paths, arrays, or an iterable of them; streamed in batches)."""
+        prediction = self._predict_raw(images, batch_size=batch_size, progress=progress)
+        if self.calibration is not None:
+            prediction.normalized_scores = self.calibration.normalize(prediction.scores)
+            prediction.labels = prediction.scores >= self.calibration.image_threshold
+            if self.calibration.pixel_threshold is not None:
+                prediction.masks = prediction.anomaly_maps >= self.calibration.pixel_threshold
+        return prediction
+
+    # ----- persistence ----------------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into the folder ``path`` (atomically, file by file)."""
+        from safetensors.torch import save_file
+
+        if not self.fitted:
+            raise InputError(f"{self.name}: refusing to save an unfitted model; call fit() first.")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
+        tmp = path / f".{WEIGHTS_FILE}.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(path / WEIGHTS_FILE)
+        write_json(path / CONFIG_FILE, {
+            "format_version": FORMAT_VERSION,
+            "model": self.name,
+            "config": asdict(self.config),
+            "calibration": self.calibration.to_dict() if self.calibration else None,
+        })
+        return path
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a state dict whose data-dependent buffers (memory banks, statistics) may differ in shape."""
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise InputError(f"{self.name}: saved weights do not match the model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}); was it saved by another model or version?")
+        for key, value in tensors.items():
+            if own[key].shape != value.shape:
+                module_name, _, leaf = key.rpartition(".")
+                module = self.model.get_submodule(module_name) if module_name else self.model
+                if leaf not in module._buffers:
+                    raise InputError(f"{self.name}: parameter {key} has shape {tuple(value.shape)} in the file "
+                                     f"but {tuple(own[key].shape)} in the model built from config.json.")
+                module._buffers[leaf] = torch.empty_like(value)
+        self.model.load_state_dict(tensors, strict=True)
+        self.model.eval()
+
+
+def add_synthetic_anomalies(data: ValidationData, *, seed: int) -> ValidationData:
+    """Append one synthetic anomaly per validation normal (CutPaste and DRAEM alternately), from synth."""
+    from synth.augment import AUGMENTERS
+
+    makers = [AUGMENTERS["cutpaste"](), AUGMENTERS["draem"](p_anomaly=1.0)]
+    images: list[ImageInput] = list(data.images)
+    labels = list(data.labels)
+    masks = list(data.masks)
+    for index, item in enumerate(data.images):
+        rng = np.random.default_rng([seed, index, 7])
+        result = makers[index % 2](load_rgb(item), rng)
+        if result.mask.any():
+            images.append(result.image)
+            labels.append(True)
+            masks.append(result.mask)
+    return ValidationData(images, np.array(labels, dtype=bool), masks, anomalies_are="synthetic")

@@ -1,0 +1,168 @@
+"""``detect``: train, apply, evaluate and compare anomaly detectors.
+
+Subcommands:
+  fit        train a model on normal images (train/good of a dataset, or an image folder) and save it
+  predict    score images or folders; writes scores.csv and anomaly-map overlays
+  eval       metrics (image/pixel AUROC, AUPRO, F1-max, AP) on a labeled test split + ROC plot
+  benchmark  fit + evaluate several models on one dataset: metrics, fit time, images/s, peak memory
+  models     list registered models
+  backbone   load a backbone offline and print its feature maps
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from synth import __version__
+from synth.cli_utils import add_common_arguments, run_cli
+from synth.config import read_yaml
+from synth.errors import ConfigError
+
+
+def parse_options(config: Path | None, sets: Sequence[str] | None, image_size: int | None) -> dict[str, Any]:
+    """Model options from a YAML file (``--config``), ``--set key=value`` pairs and ``--image-size``."""
+    options: dict[str, Any] = dict(read_yaml(config)) if config else {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set coreset_ratio=0.05")
+        options[key.strip()] = yaml.safe_load(value)
+    if image_size is not None:
+        options["image_size"] = image_size
+    return options
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from detect.runner import fit_model
+
+    options = parse_options(args.config, args.set, args.image_size)
+    name = args.model or options.pop("model", None)
+    options.pop("model", None)
+    if not name:
+        raise ConfigError("no model given: pass --model NAME (see `detect models`) or `model:` in --config")
+    fit_model(name, args.data, args.out, options=options, val=args.val, progress=not args.quiet,
+              force=args.force)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from detect.runner import predict_to_folder
+
+    predict_to_folder(args.model_dir, args.images, args.out, overlays=not args.no_overlays,
+                      batch_size=args.batch_size, progress=not args.quiet)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from detect.runner import evaluate_model
+
+    metrics = evaluate_model(args.model_dir, args.data, args.out, progress=not args.quiet)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from detect.runner import benchmark
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    table = benchmark(names, args.data, args.out, options=parse_options(args.config, args.set, args.image_size),
+                      max_train=args.max_train, progress=not args.quiet)
+    print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from detect.registry import get_model_class, list_models
+
+    for name in list_models():
+        print(f"{name:24s} {get_model_class(name).paradigm}")
+    return 0
+
+
+def cmd_backbone(args: argparse.Namespace) -> int:
+    import torch
+
+    from detect.backbones import create_feature_extractor
+
+    model = create_feature_extractor(args.name, out_indices=tuple(args.out_indices), weights=args.weights,
+                                     pretrained=not args.random)
+    with torch.no_grad():
+        features = model(torch.zeros(1, 3, args.size, args.size))
+    print(f"{args.name}: weights from {model.weights_source}")
+    for index, feature in zip(args.out_indices, features, strict=True):
+        print(f"  stage {index}: {tuple(feature.shape[1:])}")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML with model options (and optionally `model:`)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, repeatable")
+    parser.add_argument("--image-size", type=int, help="square input size (every image is resized to it)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="detect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pixelvision {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fit = sub.add_parser("fit", help="train a model on normal images and save it")
+    fit.add_argument("--model", help="model name (detect models)")
+    fit.add_argument("--data", type=Path, required=True, help="MVTec-layout dataset (train/good) or image folder")
+    fit.add_argument("--val", type=Path, help="validation data for the threshold (default: held-out normals)")
+    fit.add_argument("--out", type=Path, required=True, help="model folder to write")
+    fit.add_argument("--force", action="store_true", help="overwrite an existing model folder")
+    _add_model_options(fit)
+    add_common_arguments(fit)
+
+    pred = sub.add_parser("predict", help="score images; writes scores.csv and overlays")
+    pred.add_argument("--model-dir", type=Path, required=True)
+    pred.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
+    pred.add_argument("--out", type=Path, required=True)
+    pred.add_argument("--no-overlays", action="store_true", help="write scores.csv only")
+    pred.add_argument("--batch-size", type=int, default=None)
+    add_common_arguments(pred)
+
+    ev = sub.add_parser("eval", help="metrics on a labeled test split (metrics.json, roc.png)")
+    ev.add_argument("--model-dir", type=Path, required=True)
+    ev.add_argument("--data", type=Path, required=True, help="MVTec-layout dataset with test/ and ground_truth/")
+    ev.add_argument("--out", type=Path, help="folder for metrics.json and roc.png (default: MODEL_DIR/eval)")
+    add_common_arguments(ev)
+
+    bench = sub.add_parser("benchmark", help="compare models on one dataset")
+    bench.add_argument("--models", required=True, help="comma-separated model names")
+    bench.add_argument("--data", type=Path, required=True)
+    bench.add_argument("--out", type=Path, default=Path("benchmark_out"))
+    bench.add_argument("--max-train", type=int, default=None, help="use at most this many training images")
+    _add_model_options(bench)
+    add_common_arguments(bench)
+
+    models = sub.add_parser("models", help="list registered models")
+    add_common_arguments(models)
+
+    bb = sub.add_parser("backbone", help="load a backbone offline and print its feature map shapes")
+    bb.add_argument("name", nargs="?", default="tf_efficientnet_lite0", help="any timm model name")
+    bb.add_argument("--weights", type=Path, help="local weights file (.safetensors/.pth) for offline use")
+    bb.add_argument("--random", action="store_true", help="random initialisation (no weights)")
+    bb.add_argument("--out-indices", type=int, nargs="+", default=[1, 2, 3])
+    bb.add_argument("--size", type=int, default=224)
+    add_common_arguments(bb)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv, {
+        "fit": cmd_fit, "predict": cmd_predict, "eval": cmd_eval, "benchmark": cmd_benchmark,
+        "models": cmd_models, "backbone": cmd_backbone,
+    })
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Memory-bank and statistical detectors: normal features kept as a bank or a fitted distribution."""

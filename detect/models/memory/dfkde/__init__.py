@@ -1,0 +1,3 @@
+from .detector import Dfkde
+
+__all__ = ["Dfkde"]

@@ -1,0 +1,3 @@
+from .detector import Dfm
+
+__all__ = ["Dfm"]

@@ -1,0 +1,3 @@
+from .detector import Padim
+
+__all__ = ["Padim"]

@@ -1,0 +1,94 @@
+"""timm-style registry: ``create("patchcore", **config)``, ``list_models()``, ``load(path)``.
+
+Models register themselves with ``@register``; every ``detect/models/<paradigm>/<model>/`` package is
+imported on first use, so adding a model needs no central list.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+from typing import Any
+
+from detect.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Detector
+from synth.errors import InputError
+
+_REGISTRY: dict[str, type[Detector]] = {}
+_discovered = False
+
+
+def register(cls: type[Detector]) -> type[Detector]:
+    """Class decorator adding a Detector subclass under its ``name``."""
+    if not cls.name:
+        raise TypeError(f"{cls.__qualname__} needs a non-empty 'name'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise TypeError(f"detector name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    global _discovered
+    if _discovered:
+        return
+    import detect.models as models
+
+    for info in pkgutil.walk_packages(models.__path__, prefix="detect.models."):
+        if info.name.count(".") == 3 and info.ispkg:  # detect.models.<paradigm>.<model>
+            importlib.import_module(info.name)
+    _discovered = True
+
+
+def list_models(paradigm: str | None = None) -> list[str]:
+    """Registered model names, optionally of one paradigm (memory, flow, distillation, ...)."""
+    _discover()
+    return sorted(n for n, c in _REGISTRY.items() if paradigm is None or c.paradigm == paradigm)
+
+
+def get_model_class(name: str) -> type[Detector]:
+    _discover()
+    key = name.lower().replace("-", "_")
+    if key not in _REGISTRY:
+        close = difflib.get_close_matches(key, _REGISTRY, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"unknown model {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[key]
+
+
+def create(name: str, **config: Any) -> Detector:
+    """A new, unfitted detector: ``create("patchcore", image_size=224, coreset_ratio=0.1)``."""
+    return get_model_class(name)(**config)
+
+
+def load(path: str | Path) -> Detector:
+    """Load a detector saved with ``Detector.save`` (safetensors + JSON; nothing is unpickled)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    for required in (config_path, weights_path):
+        if not required.is_file():
+            raise InputError(f"{required}: missing; {path} is not a saved model folder (detect fit --out ...).")
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+        name, config = meta["model"], meta["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(f"{config_path}: corrupted model config ({exc}); re-save the model.") from None
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise InputError(f"{config_path}: saved by a newer PixelVision (format {meta['format_version']}).")
+    detector = get_model_class(name)(_loading=True, **config)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise InputError(f"{weights_path}: corrupted weights file ({exc}); re-save the model.") from None
+    detector.load_tensors(tensors)
+    if meta.get("calibration"):
+        from detect.threshold import Calibration
+
+        detector.calibration = Calibration.from_dict(meta["calibration"])
+    detector.fitted = True
+    return detector

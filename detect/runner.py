@@ -1,0 +1,263 @@
+"""What the ``detect`` subcommands do, as functions: fit and save, predict a folder, evaluate, benchmark."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from detect.base import CONFIG_FILE, Detector
+from detect.data import resize_map, resize_mask
+from detect.metrics import auroc, evaluate, roc_points
+from detect.registry import create, load
+from synth.defect_set import GOOD, read_defect_set
+from synth.errors import InputError
+from synth.io import iter_paths, read_image, write_image, write_json, write_text
+
+logger = logging.getLogger(__name__)
+
+
+def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
+              val: str | Path | None = None, progress: bool = True, force: bool = False) -> Detector:
+    """Create, fit and save a model; the folder appears complete or not at all (written beside, then renamed)."""
+    out = Path(out)
+    if (out / CONFIG_FILE).exists() and not force:
+        raise InputError(f"{out}: already holds a saved model; pass --force to overwrite it or choose another --out.")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file; choose a folder for --out.")
+    detector = create(name, **(options or {}))
+    start = time.perf_counter()
+    detector.fit(data, val, progress=progress)
+    elapsed = time.perf_counter() - start
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    detector.save(staging)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    calibration = detector.calibration
+    logger.info("fitted %s in %.1f s; threshold %.4g (%s); saved to %s", name, elapsed,
+                calibration.image_threshold if calibration else float("nan"),
+                calibration.method if calibration else "none", out)
+    return detector
+
+
+def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float, vmax: float,
+                    mask: np.ndarray | None = None) -> np.ndarray:
+    """Original | JET heat map blended over it (| predicted mask contour in green when given)."""
+    span = max(vmax - vmin, 1e-12)
+    scaled = np.clip((anomaly_map - vmin) / span, 0, 1)
+    heat = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)[:, :, ::-1]
+    blended = (0.55 * image + 0.45 * heat).astype(np.uint8)
+    if mask is not None and mask.any():
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        blended = np.ascontiguousarray(blended)
+        cv2.drawContours(blended, contours, -1, (0, 255, 0), 1)
+    return np.concatenate([image, blended], axis=1)
+
+
+def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
+                      overlays: bool = True, batch_size: int | None = None, progress: bool = True) -> Path:
+    """Score every image under ``inputs``; writes ``scores.csv`` (+ ``overlays/``) into ``out``.
+
+    Images are streamed batch by batch, so memory stays bounded for any number of images. Unreadable
+    images are skipped, listed in the CSV's ``error`` column and reported at the end.
+    """
+    from tqdm import tqdm
+
+    detector = load(model_dir)
+    out = Path(out)
+    paths = iter_paths(inputs)
+    if not paths:
+        raise InputError("no images to predict: pass image files or folders.")
+    batch_size = batch_size or detector.config.batch_size
+    calibration = detector.calibration
+    rows: list[dict[str, Any]] = []
+    errors = 0
+    with tqdm(total=len(paths), desc="detect predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            images, kept = [], []
+            for path in chunk:
+                try:
+                    images.append(read_image(path))
+                    kept.append(path)
+                except InputError as exc:
+                    errors += 1
+                    logger.warning("%s", exc)
+                    rows.append({"image": str(path), "score": "", "normalized_score": "", "anomalous": "",
+                                 "error": str(exc)})
+            if images:
+                prediction = detector.predict(images)
+                for index, path in enumerate(kept):
+                    score = float(prediction.scores[index])
+                    normalized = prediction.normalized_scores
+                    rows.append({
+                        "image": str(path), "score": f"{score:.6g}",
+                        "normalized_score": "" if normalized is None else f"{normalized[index]:.4f}",
+                        "anomalous": "" if prediction.labels is None else int(prediction.labels[index]),
+                        "error": "",
+                    })
+                    if overlays:
+                        shape = images[index].shape[:2]
+                        amap = resize_map(prediction.anomaly_maps[index], shape)
+                        mask = None
+                        if prediction.masks is not None and calibration is not None:
+                            mask = amap >= calibration.pixel_threshold
+                        vmin = calibration.pixel_min if calibration and calibration.pixel_min is not None else 0.0
+                        vmax = (calibration.pixel_max if calibration and calibration.pixel_max is not None
+                                else float(amap.max()))
+                        write_image(out / "overlays" / f"{start + index:05d}_{path.stem}.png",
+                                    heatmap_overlay(images[index], amap, vmin=vmin, vmax=vmax, mask=mask))
+            bar.update(len(chunk))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "normalized_score", "anomalous", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "scores.csv", buffer.getvalue())
+    flagged = sum(1 for r in rows if r["anomalous"] == 1)
+    print(f"scored {len(rows) - errors} images ({flagged} anomalous at the calibrated threshold) -> {out}/scores.csv"
+          + (f"; {errors} unreadable, see the error column" if errors else ""))
+    return out / "scores.csv"
+
+
+def _plot_roc(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    for label, points in curves.items():
+        ax.plot(points["fpr"], points["tpr"], label=label)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(path)
+
+
+def evaluate_detector(detector: Detector, data: str | Path, *, progress: bool = False) -> dict[str, Any]:
+    """Metrics of a fitted detector on the ``test`` split of a labeled dataset (maps compared at model size)."""
+    dataset = read_defect_set(data)
+    samples = dataset.select(split="test")
+    if not samples:
+        raise InputError(f"{dataset.root}: no test/ images to evaluate on.")
+    size = detector.config.image_size
+    start = time.perf_counter()
+    prediction = detector.predict([dataset.image_path(s) for s in samples], progress=progress)
+    elapsed = time.perf_counter() - start
+    labels = np.array([s.is_anomalous for s in samples])
+    have_masks = all(s.mask is not None for s in samples if s.is_anomalous)
+    masks = None
+    if have_masks and labels.any():
+        masks = np.stack([resize_mask(dataset.load_mask(s, shape), size)
+                          for s, shape in zip(samples, prediction.image_shapes, strict=True)])
+    metrics = evaluate(prediction.scores, labels, prediction.anomaly_maps if masks is not None else None, masks)
+    metrics["predict_images_per_s"] = len(samples) / elapsed
+    per_class = {}
+    for defect_class in dataset.defect_classes:
+        chosen = np.array([s.defect_class in (GOOD, defect_class) for s in samples])
+        per_class[defect_class] = auroc(prediction.scores[chosen], labels[chosen])
+    metrics["per_class_image_auroc"] = per_class
+    if detector.calibration is not None:
+        predicted = prediction.scores >= detector.calibration.image_threshold
+        tp = int((predicted & labels).sum())
+        metrics["threshold"] = {
+            "method": detector.calibration.method,
+            "value": detector.calibration.image_threshold,
+            "precision": tp / max(int(predicted.sum()), 1),
+            "recall": tp / max(int(labels.sum()), 1),
+            "false_positive_rate": int((predicted & ~labels).sum()) / max(int((~labels).sum()), 1),
+            "accuracy": float((predicted == labels).mean()),
+        }
+    metrics["roc"] = roc_points(prediction.scores, labels) if labels.any() and (~labels).any() else None
+    return metrics
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path | None = None, *,
+                   progress: bool = True) -> dict[str, Any]:
+    """``detect eval``: metrics.json and roc.png in ``out`` (default MODEL_DIR/eval)."""
+    detector = load(model_dir)
+    metrics = evaluate_detector(detector, data, progress=progress)
+    metrics["model"] = detector.name
+    out = Path(out) if out is not None else Path(model_dir) / "eval"
+    write_json(out / "metrics.json", metrics)
+    if metrics["roc"] is not None:
+        _plot_roc({f"{detector.name} (AUROC {metrics['image_auroc']:.3f})": metrics["roc"]}, out / "roc.png")
+    return metrics
+
+
+def _benchmark_one(name: str, data: str, options: dict[str, Any], max_train: int | None) -> dict[str, Any]:
+    import resource
+
+    from detect.data import resolve_images
+
+    train = resolve_images(data)
+    if max_train is not None:
+        train = train[:max_train]
+    detector = create(name, **options)
+    start = time.perf_counter()
+    detector.fit(train, progress=False)
+    fit_s = time.perf_counter() - start
+    metrics = evaluate_detector(detector, data)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "predict_images_per_s")
+    return {"model": name, "fit_s": fit_s, "peak_rss_mb": peak_mb, "train_images": len(train),
+            **{k: metrics.get(k) for k in keys}}
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if np.isnan(value) else f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
+              max_train: int | None = None, progress: bool = True) -> str:
+    """Fit and evaluate each model in its own process (so peak memory is per model); returns a markdown table."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    from detect.registry import get_model_class
+
+    for name in names:
+        get_model_class(name)  # unknown names fail before any work
+    context = multiprocessing.get_context("spawn")
+    results = []
+    for name in tqdm(names, desc="detect benchmark", disable=not progress):
+        with context.Pool(1) as pool:
+            results.append(pool.apply(_benchmark_one, (name, str(data), dict(options or {}), max_train)))
+    columns = ["model", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_s", "predict_images_per_s",
+               "peak_rss_mb", "train_images"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in results]
+    table = "\n".join(lines)
+    out = Path(out)
+    write_json(out / "benchmark.json", {"data": str(data), "options": options or {}, "results": results})
+    write_text(out / "benchmark.md", table + "\n")
+    return table

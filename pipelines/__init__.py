@@ -1,0 +1,1 @@
+"""PixelVision closed-loop pipelines: generate -> filter -> train -> evaluate -> report."""

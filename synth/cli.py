@@ -1,0 +1,154 @@
+"""``synth``: generate labeled synthetic defect sets.
+
+Subcommands: ``generate`` (model-free generators), ``demo`` (generate on the bundled example images),
+``toyset`` (the small real-texture test set), ``inspect`` (validate and summarise a defect set),
+``export-hf`` (save a defect set as a Hugging Face dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from synth import __version__
+from synth.cli_utils import add_common_arguments, run_cli
+from synth.config import GENERATE_METHODS, GenerateConfig, load_config
+
+logger = logging.getLogger("synth")
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+
+def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (configs/generate_*.yaml); flags override it")
+    parser.add_argument("--normal", type=Path, help="folder of defect-free images")
+    parser.add_argument("--masks", type=Path, help="real defect masks, <class>/<name>.png (method paste)")
+    parser.add_argument("--defects", type=Path, help="defect images matching the masks by name")
+    parser.add_argument("--anomaly-source", type=Path, help="texture folder for DRAEM (e.g. DTD)")
+    parser.add_argument("--method", choices=GENERATE_METHODS)
+    parser.add_argument("--blend", choices=("alpha", "poisson", "texture"), help="blend mode of method paste")
+    parser.add_argument("--foreground", choices=("auto", "object", "texture"))
+    parser.add_argument("--defect-class", help="class label for perlin/draem/cutpaste samples")
+    parser.add_argument("--n", type=int, help="number of defect samples")
+    parser.add_argument("--out", type=Path, help="output folder (a labeled defect set)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="fail on the first unreadable file instead of skipping it")
+    parser.add_argument("--no-copy-normals", dest="copy_normals", action="store_false", default=None,
+                        help="do not copy the normal images into train/good")
+
+
+def _generate_config(args: argparse.Namespace) -> GenerateConfig:
+    keys = ("normal", "masks", "defects", "anomaly_source", "method", "blend", "foreground", "defect_class", "n",
+            "out", "seed", "strict", "copy_normals")
+    return load_config(GenerateConfig, args.config, {k: getattr(args, k) for k in keys})
+
+
+def _run_generate(cfg: GenerateConfig, quiet: bool, title: str) -> int:
+    from synth.generate import generate
+    from synth.report import defect_set_report
+
+    report = generate(cfg, progress=not quiet)
+    html_path = defect_set_report(report.dataset, title=title, config=cfg.model_dump(mode="json"),
+                                  skipped=report.skipped_files)
+    print(f"{report.dataset}")
+    print(f"wrote {cfg.out}/ (manifest.jsonl, preview.png, {html_path.name}); "
+          f"{report.generated} generated, {report.resumed_from} already there")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    return _run_generate(_generate_config(args), args.quiet, f"synth generate: {args.method or 'config'}")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    cfg = load_config(GenerateConfig, DEMO_CONFIG, {"out": args.out, "seed": args.seed})
+    base = DEMO_CONFIG.parent.parent
+    cfg = cfg.model_copy(update={k: base / getattr(cfg, k) for k in ("normal", "masks", "defects")
+                                 if getattr(cfg, k) is not None and not getattr(cfg, k).is_absolute()})
+    return _run_generate(cfg, args.quiet, "PixelVision demo: synthetic defects from 3 real masks")
+
+
+def cmd_toyset(args: argparse.Namespace) -> int:
+    from synth.toyset import make_texture_defect_set
+
+    dataset = make_texture_defect_set(args.out, texture=args.texture, size=args.size, n_train=args.n_train,
+                                      n_test_good=args.n_test_good, n_test_per_class=args.n_test_per_class,
+                                      seed=args.seed)
+    print(dataset)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from synth.defect_set import read_defect_set
+
+    dataset = read_defect_set(args.data)
+    if args.check:
+        for sample in dataset:
+            image = dataset.load_image(sample)
+            if sample.is_anomalous:
+                dataset.load_mask(sample, image.shape[:2])
+    print(json.dumps({"root": str(dataset.root), "samples": len(dataset), "defect_classes": dataset.defect_classes,
+                      "summary": repr(dataset)}, indent=2))
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from synth.defect_set import read_defect_set
+
+    hf = read_defect_set(args.data).to_hf_dataset()
+    hf.save_to_disk(str(args.out))
+    print(f"saved {len(hf)} rows to {args.out} (datasets.load_from_disk)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synth", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pixelvision {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate a labeled synthetic defect set")
+    _add_generate_arguments(gen)
+    add_common_arguments(gen)
+
+    demo = sub.add_parser("demo", help="generate defects on the bundled example images (assets/demo)")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"))
+    demo.add_argument("--seed", type=int, default=None)
+    add_common_arguments(demo)
+
+    toy = sub.add_parser("toyset", help="write the small real-texture defect set used by tests")
+    toy.add_argument("--out", type=Path, required=True)
+    toy.add_argument("--texture", choices=("brick", "grass", "gravel"), default="brick")
+    toy.add_argument("--size", type=int, default=64)
+    toy.add_argument("--n-train", type=int, default=16)
+    toy.add_argument("--n-test-good", type=int, default=8)
+    toy.add_argument("--n-test-per-class", type=int, default=8)
+    toy.add_argument("--seed", type=int, default=0)
+    add_common_arguments(toy)
+
+    ins = sub.add_parser("inspect", help="validate and summarise a defect set (MVTec layout or manifest)")
+    ins.add_argument("data", type=Path)
+    ins.add_argument("--check", action="store_true", help="decode every image and mask")
+    add_common_arguments(ins)
+
+    hf = sub.add_parser("export-hf", help="save a defect set as a Hugging Face dataset (save_to_disk)")
+    hf.add_argument("data", type=Path)
+    hf.add_argument("--out", type=Path, required=True)
+    add_common_arguments(hf)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_cli(build_parser(), argv, {
+        "generate": cmd_generate, "demo": cmd_demo, "toyset": cmd_toyset, "inspect": cmd_inspect,
+        "export-hf": cmd_export_hf,
+    })
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

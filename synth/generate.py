@@ -1,0 +1,255 @@
+"""``synth generate``: write a labeled defect set from normal images with a model-free generator.
+
+Guarantees:
+- Same config and seed -> byte-identical output folder (PNG writes, sorted JSON, no timestamps).
+- Every sample ``i`` draws from its own generator seeded by ``SeedSequence([seed, i])`` and uses a normal image
+  chosen by a seeded permutation, so a run that was killed and restarted with the same command resumes
+  where it stopped and ends with exactly the files of an uninterrupted run.
+- Files are written atomically and a sample's manifest row is appended only after its files exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from synth.config import GenerateConfig
+from synth.defect_set import GOOD, MASK_SUFFIX, DefectSet, DefectSetWriter
+from synth.errors import InputError
+from synth.io import list_images, read_image, read_json_if_exists, read_mask, write_image, write_json
+
+logger = logging.getLogger(__name__)
+
+CONFIG_RECORD = "generate_config.json"
+
+
+@dataclass
+class GeneratedDefect:
+    """What every generator returns for one normal image."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    defect_class: str
+    params: dict[str, Any]
+
+
+DefectGenerator = Callable[[np.ndarray, np.random.Generator], GeneratedDefect]
+
+
+@dataclass
+class GenerateReport:
+    dataset: DefectSet
+    generated: int
+    resumed_from: int
+    skipped_files: list[str] = field(default_factory=list)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``: independent streams per sample, stable across resumes."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
+
+
+def _mask_stem(path: Path) -> str:
+    return path.stem[: -len(MASK_SUFFIX)] if path.stem.endswith(MASK_SUFFIX) else path.stem
+
+
+def _find_defect_image(defects: Path, defect_class: str | None, stem: str) -> Path | None:
+    folders = [defects / defect_class, defects] if defect_class else [defects]
+    for folder in folders:
+        if folder.is_dir():
+            for candidate in sorted(folder.glob(f"{stem}.*")):
+                if candidate.is_file():
+                    return candidate
+    return None
+
+
+def load_exemplars(masks: Path, defects: Path | None, *, strict: bool = False,
+                   skipped: list[str] | None = None) -> list:
+    """Real defect masks (and their images) as placement exemplars.
+
+    ``masks`` holds ``<class>/<name>.png`` (or ``<name>_mask.png``, MVTec's ground_truth layout) or flat
+    ``<name>.png`` files (class ``defect``). ``defects`` holds the matching defect images, ``<class>/<name>.*``
+    or flat. All-zero masks are skipped with a warning (an error with ``strict``); none left is an error.
+    """
+    from synth.placement import DefectExemplar
+
+    if not masks.is_dir():
+        raise InputError(f"{masks}: masks folder not found; pass --masks DIR with <class>/<name>.png masks.")
+    class_dirs = sorted(p for p in masks.iterdir() if p.is_dir())
+    entries: list[tuple[str, Path]] = []
+    for class_dir in class_dirs:
+        entries += [(class_dir.name, p) for p in list_images(class_dir, allow_empty=True)]
+    entries += [("defect", p) for p in list_images(masks, allow_empty=True)]
+    if not entries:
+        raise InputError(f"{masks}: no mask images found; expected <class>/<name>.png files.")
+    skipped = skipped if skipped is not None else []
+    exemplars = []
+    for defect_class, mask_path in entries:
+        image = None
+        image_path = None
+        if defects is not None:
+            image_path = _find_defect_image(defects, defect_class if defect_class != "defect" else None,
+                                            _mask_stem(mask_path))
+            if image_path is None:
+                raise InputError(f"{mask_path}: no defect image named {_mask_stem(mask_path)}.* under {defects}; "
+                                 f"the masks and --defects images must share names.")
+            image = read_image(image_path)
+        mask = read_mask(mask_path, shape=None if image is None else image.shape[:2], image_path=image_path)
+        if not mask.any():
+            if strict:
+                raise InputError(f"{mask_path}: mask is empty (no defect pixel); fix or remove it.")
+            logger.warning("%s: empty mask skipped", mask_path)
+            skipped.append(f"{mask_path}: empty mask")
+            continue
+        exemplars.append(DefectExemplar(mask=mask, image=image, defect_class=defect_class, source=str(mask_path)))
+    if not exemplars:
+        raise InputError(f"{masks}: every mask is empty (all-zero); masks must mark defect pixels with 255.")
+    return exemplars
+
+
+def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> DefectGenerator:
+    """The per-image generator for ``cfg.method`` (see ``GenerateConfig``)."""
+    params = dict(cfg.method_params)
+    if cfg.method == "paste":
+        from synth.placement import MaskGuidedPlacer
+
+        if cfg.masks is None:
+            raise InputError("method 'paste' needs real defect masks: pass --masks DIR.")
+        if cfg.blend in ("poisson", "texture") and cfg.defects is None:
+            raise InputError(f"blend '{cfg.blend}' copies real defect appearance: pass --defects DIR "
+                             f"with the images the masks belong to, or use --blend alpha.")
+        exemplars = load_exemplars(cfg.masks, cfg.defects, strict=cfg.strict, skipped=skipped)
+        placer = MaskGuidedPlacer(exemplars, blend_mode=cfg.blend, foreground=cfg.foreground, **params)
+
+        def paste(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
+            result = placer(image, rng)
+            return GeneratedDefect(result.image, result.mask, result.defect_class, result.params)
+
+        return paste
+
+    from synth.augment import AUGMENTERS
+
+    if cfg.method == "draem":
+        params.setdefault("p_anomaly", 1.0)
+        if cfg.anomaly_source is not None:
+            params.setdefault("anomaly_source", cfg.anomaly_source)
+    try:
+        augmenter = AUGMENTERS[cfg.method](**params)
+    except TypeError as exc:
+        raise InputError(f"method_params for {cfg.method!r}: {exc}") from None
+    default_class = cfg.defect_class or cfg.method
+
+    def augment(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
+        result = augmenter(image, rng)
+        label = result.params.get("label") if cfg.method == "cutpaste3way" else None
+        return GeneratedDefect(result.image, result.mask, str(label or default_class), result.params)
+
+    return augment
+
+
+def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str]) -> list[Path]:
+    ok = []
+    for path in paths:
+        try:
+            read_image(path)
+        except InputError as exc:
+            if strict:
+                raise
+            logger.warning("%s", exc)
+            skipped.append(str(exc))
+            continue
+        ok.append(path)
+    return ok
+
+
+def _config_record(cfg: GenerateConfig) -> dict[str, Any]:
+    record = cfg.model_dump(mode="json")
+    record.pop("out")
+    record.pop("preview")
+    return record
+
+
+def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = image.astype(np.float32)
+    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], dtype=np.float32)
+    return out.astype(np.uint8)
+
+
+def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray | None:
+    """Grid of (image, mask, overlay) triplets for the first ``count`` defect samples."""
+    import cv2
+
+    samples = dataset.select(anomalous=True)[:count]
+    if not samples:
+        return None
+    rows = []
+    for sample in samples:
+        image = dataset.load_image(sample)
+        mask = dataset.load_mask(sample, image.shape[:2])
+        cells = [image, np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2), _overlay(image, mask)]
+        rows.append(np.concatenate([cv2.resize(c, (tile, tile), interpolation=cv2.INTER_AREA) for c in cells], 1))
+    columns = 2 if len(rows) > 4 else 1
+    while len(rows) % columns:
+        rows.append(np.zeros_like(rows[0]))
+    per_column = len(rows) // columns
+    blocks = [np.concatenate(rows[c * per_column:(c + 1) * per_column], axis=0) for c in range(columns)]
+    return np.concatenate(blocks, axis=1)
+
+
+def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
+    """Run ``synth generate`` for a validated config; resumes when ``cfg.out`` holds a partial run."""
+    skipped: list[str] = []
+    normals = _readable_normals(list_images(cfg.normal), cfg.strict, skipped)
+    if not normals:
+        raise InputError(f"{cfg.normal}: none of the images could be read; see the messages above.")
+    if cfg.n > len(normals):
+        logger.warning("only %d normal images for %d samples: each normal image is reused", len(normals), cfg.n)
+
+    record = _config_record(cfg)
+    previous = read_json_if_exists(cfg.out / CONFIG_RECORD)
+    if previous is not None and previous != record:
+        changed = sorted(k for k in set(previous) | set(record) if previous.get(k) != record.get(k))
+        raise InputError(f"{cfg.out}: holds a set generated with other settings ({', '.join(changed)}); "
+                         f"use a new --out folder, or delete this one to start over.")
+    generator = build_generator(cfg, skipped)
+    writer = DefectSetWriter(cfg.out)
+    write_json(cfg.out / CONFIG_RECORD, record)
+
+    if cfg.copy_normals:
+        for path in normals:
+            if not writer.has(path.stem, split="train"):
+                writer.add_file(path, split="train", source_image=str(path))
+
+    order = np.random.default_rng(cfg.seed).permutation(len(normals))
+    done_names = {s.name for s in writer.samples if s.split == "test"}
+    resumed_from = sum(1 for i in range(cfg.n) if f"{cfg.method}_{i:05d}" in done_names)
+    with tqdm(total=cfg.n, initial=resumed_from, desc=f"synth generate {cfg.method}", unit="img",
+              disable=not progress) as bar:
+        for index in range(cfg.n):
+            name = f"{cfg.method}_{index:05d}"
+            if name in done_names:
+                continue
+            source = normals[order[index % len(normals)]]
+            seed = sample_seed(cfg.seed, index)
+            result = generator(read_image(source), np.random.default_rng(seed))
+            anomalous = bool(result.mask.any())
+            writer.add(result.image, name=name, split="test",
+                       defect_class=result.defect_class if anomalous else GOOD,
+                       mask=result.mask if anomalous else None, generator=cfg.method, params=result.params,
+                       seed=seed, source_image=str(source))
+            bar.update(1)
+
+    dataset = writer.finalize({"generator": cfg.method, "config": record, "skipped_files": skipped})
+    preview = make_preview(dataset, cfg.preview)
+    if preview is not None:
+        write_image(cfg.out / "preview.png", preview)
+    if skipped:
+        logger.warning("%d file(s) skipped:\n  %s", len(skipped), "\n  ".join(skipped))
+    return GenerateReport(dataset=dataset, generated=cfg.n - resumed_from, resumed_from=resumed_from,
+                          skipped_files=skipped)

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real-texture toy defect set and the path to the real magnetic-tile data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from synth.toyset import make_texture_defect_set
+
+REPO = Path(__file__).resolve().parent.parent
+MAGNETIC_TILE = REPO.parent / "shared" / "data" / "magnetic-tile"
+
+
+@pytest.fixture(scope="session")
+def brick_set(tmp_path_factory):
+    """Brick crops 64x64: 16 train/good, 8 test/good, 8 spot + 8 scratch planted defects."""
+    return make_texture_defect_set(tmp_path_factory.mktemp("brick_set"), texture="brick", seed=0)
+
+
+@pytest.fixture
+def magnetic_tile() -> Path:
+    if not MAGNETIC_TILE.is_dir():
+        pytest.skip("../shared/data/magnetic-tile is absent")
+    return MAGNETIC_TILE

@@ -1,0 +1,116 @@
+"""``detect fit / predict / eval / benchmark / models`` end to end on the brick set, and their bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import detect
+from detect.cli import main as detect_main
+from synth.io import read_image, write_image
+
+FAST = ["--image-size", "64", "--set", "blur_sigma=1"]
+
+
+@pytest.fixture(scope="module")
+def fitted(brick_set, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "padim"
+    assert detect_main(["fit", "-q", "--model", "padim", "--data", str(brick_set.root), "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_fit_writes_a_loadable_model(fitted):
+    assert sorted(p.name for p in fitted.iterdir()) == ["config.json", "model.safetensors"]
+    model = detect.load(fitted)
+    assert model.name == "padim" and model.config.image_size == 64
+    assert model.calibration is not None and model.calibration.method == "f1-synthetic"
+
+
+def test_predict_writes_scores_and_overlays(fitted, brick_set, tmp_path):
+    images = [brick_set.image_path(s) for s in brick_set.select(split="test")]
+    (tmp_path / "odd").mkdir()
+    big = np.repeat(read_image(images[-1]), 2, axis=0)  # another size: 128x64
+    write_image(tmp_path / "odd" / "tall.png", big)
+    (tmp_path / "odd" / "broken.png").write_bytes(b"garbage")
+    out = tmp_path / "pred"
+    assert detect_main(["predict", "-q", "--model-dir", str(fitted), *map(str, images), str(tmp_path / "odd"),
+                        "--out", str(out)]) == 0
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == len(images) + 2
+    broken = [r for r in rows if r["image"].endswith("broken.png")][0]
+    assert "cannot decode" in broken["error"]
+    scored = [r for r in rows if not r["error"]]
+    labels = np.array([r["anomalous"] == "1" for r in scored[: len(images)]])
+    truth = np.array(["good" not in p.parent.name for p in images])
+    assert (labels == truth).mean() >= 0.7  # thresholded decisions, not just scores
+    overlays = sorted((out / "overlays").iterdir())
+    assert len(overlays) == len(images) + 1
+    tall = [p for p in overlays if "tall" in p.name][0]
+    assert read_image(tall).shape == (128, 128, 3)  # original | heat map, at the original size
+
+
+def test_eval_writes_metrics_and_roc(fitted, brick_set, tmp_path):
+    out = tmp_path / "eval"
+    assert detect_main(["eval", "-q", "--model-dir", str(fitted), "--data", str(brick_set.root),
+                        "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["image_auroc"] >= 0.85  # PaDiM on 13 brick crops at 64 px reaches ~0.93
+    for key in ("pixel_auroc", "aupro", "image_f1_max", "pixel_ap", "per_class_image_auroc", "threshold"):
+        assert key in metrics
+    assert set(metrics["per_class_image_auroc"]) == {"spot", "scratch"}
+    assert (out / "roc.png").stat().st_size > 1000
+
+
+def test_benchmark_table(brick_set, tmp_path):
+    out = tmp_path / "bench"
+    assert detect_main(["benchmark", "-q", "--models", "padim,dfm", "--data", str(brick_set.root),
+                        "--out", str(out), "--image-size", "64"]) == 0
+    results = json.loads((out / "benchmark.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["padim", "dfm"]
+    for row in results:
+        assert row["fit_s"] > 0 and row["predict_images_per_s"] > 0 and row["peak_rss_mb"] > 50
+        assert row["image_auroc"] > 0.6
+    assert "| padim |" in (out / "benchmark.md").read_text()
+
+
+def test_models_lists_the_registry(capsys):
+    assert detect_main(["models"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("patchcore", "padim", "dfkde", "dfm", "cfa"):
+        assert name in listed
+
+
+def test_bad_inputs(fitted, brick_set, tmp_path, capsys):
+    assert detect_main(["fit", "--model", "patchcor", "--data", str(brick_set.root), "--out", str(tmp_path / "x")]) == 2
+    assert "Did you mean patchcore" in capsys.readouterr().err
+    assert detect_main(["fit", "--model", "padim", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert "not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    empty = str(tmp_path / "empty")
+    assert detect_main(["fit", "--model", "padim", "--data", empty, "--out", str(tmp_path / "x")]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert detect_main(["fit", "--model", "padim", "--data", str(brick_set.root), "--out", str(tmp_path / "x"),
+                        "--set", "n_features=-1"]) == 2
+    assert "n_features" in capsys.readouterr().err
+    assert detect_main(["fit", "--model", "padim", "--data", str(brick_set.root), "--out", str(fitted)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert detect.load(fitted).name == "padim"  # the refused fit left the existing model intact
+
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((fitted / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes((fitted / "model.safetensors").read_bytes()[:100])
+    assert detect_main(["predict", "--model-dir", str(corrupt), str(brick_set.root / "train/good"),
+                        "--out", str(tmp_path / "p")]) == 2
+    assert "corrupted weights" in capsys.readouterr().err
+    assert detect_main(["eval", "--model-dir", str(tmp_path / "nomodel"), "--data", str(brick_set.root)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_unfitted_model_refuses_to_predict():
+    model = detect.create("padim", image_size=64)
+    with pytest.raises(detect.base.InputError, match="not fitted"):
+        model.predict([np.zeros((64, 64, 3), np.uint8)])
