@@ -61,6 +61,13 @@ class DetectorConfig:
                    "'auto', 'f1' or 'percentile'")
         self.check(0 < self.threshold_percentile <= 100, "threshold_percentile", "in (0, 100]")
         self.check(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)")
+        if hasattr(self, "layers"):  # BackboneConfig fields, checked once here for every CNN-feature model
+            layers = self.layers
+            self.check(isinstance(layers, (list, tuple)) and len(layers) >= 1
+                       and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+                       and list(layers) == sorted(set(layers)), "layers",
+                       "a non-empty ascending list of distinct feature indices >= 0")
+            self.check(isinstance(self.backbone, str) and bool(self.backbone), "backbone", "a timm model name")
 
     def check(self, ok: bool, key: str, allowed: str) -> None:
         """Raise a ConfigError naming ``key`` when ``ok`` is false."""

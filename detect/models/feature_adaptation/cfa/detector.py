@@ -59,10 +59,6 @@ class CfaConfig(DetectorConfig, BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-                   and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and list(self.layers) == sorted(set(self.layers)), "layers",
-                   "a non-empty ascending list of distinct feature indices")
         self.check(isinstance(self.epochs, int) and self.epochs >= 1, "epochs", "an integer >= 1")
         self.check(self.lr > 0, "lr", "> 0")
         self.check(self.weight_decay >= 0, "weight_decay", ">= 0")

@@ -37,8 +37,6 @@ class DfkdeConfig(DetectorConfig, BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(len(self.layers) >= 1 and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and len(set(self.layers)) == len(self.layers), "layers", "a non-empty list of distinct indices >= 0")
         self.check(isinstance(self.n_components, int) and self.n_components >= 1, "n_components", "an integer >= 1")
         self.check(self.feature_scaling in SCALING_METHODS, "feature_scaling", "'scale', 'norm' or 'none'")
         self.check(isinstance(self.max_training_points, int) and self.max_training_points >= 2,

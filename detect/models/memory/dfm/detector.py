@@ -38,8 +38,6 @@ class DfmConfig(DetectorConfig, BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(len(self.layers) >= 1 and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and len(set(self.layers)) == len(self.layers), "layers", "a non-empty list of distinct indices >= 0")
         self.check(isinstance(self.pooling_kernel, int) and self.pooling_kernel >= 1, "pooling_kernel",
                    "an integer >= 1")
         self.check(0 < self.pca_level <= 1, "pca_level", "in (0, 1]")

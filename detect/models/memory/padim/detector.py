@@ -33,8 +33,6 @@ class PadimConfig(DetectorConfig, BackboneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.check(len(self.layers) >= 1 and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and len(set(self.layers)) == len(self.layers), "layers", "a non-empty list of distinct indices >= 0")
         self.check(isinstance(self.n_features, int) and self.n_features >= 1, "n_features", "an integer >= 1")
         self.check(self.covariance_eps > 0, "covariance_eps", "> 0")
         self.check(0 <= self.blur_sigma <= 32, "blur_sigma", "in [0, 32]")

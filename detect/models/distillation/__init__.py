@@ -1,0 +1,1 @@
+"""Knowledge-distillation detectors: a student network trained to match a frozen pretrained teacher."""
