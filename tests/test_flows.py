@@ -79,7 +79,7 @@ def test_log_det_matches_autograd_jacobian(case):
     for i in range(shape[0]):  # samples are independent: the Jacobian of one sample's output w.r.t. its input
         xi = x[i:i + 1]
         ci = cond[i:i + 1] if cond is not None else None
-        jac = torch.autograd.functional.jacobian(lambda v, ci=ci: flow(v, ci)[0], xi)
+        jac = torch.autograd.functional.jacobian(lambda v, ci=ci: flow(v, ci)[0], xi, vectorize=True)
         d = xi.numel()
         _, logabsdet = torch.linalg.slogdet(jac.reshape(d, d))
         assert log_det[i].item() == pytest.approx(logabsdet.item(), rel=1e-8, abs=1e-8)
@@ -127,3 +127,18 @@ def test_unconditional_block_rejects_missing_condition():
     blk = AffineCouplingBlock(4, linear_subnet(), condition_channels=2)
     with pytest.raises(ValueError, match="condition"):
         blk(torch.zeros(1, 4))
+
+
+def test_data_dependent_actnorm_initialisation_standardises_outputs():
+    generator = torch.Generator().manual_seed(0)
+    flow = FlowSequence([AffineCouplingBlock(6, linear_subnet(), condition_channels=2, generator=generator)
+                         for _ in range(3)])
+    flow.reset_parameters(generator)
+    x = 5.0 * torch.randn(512, 6, generator=generator) + 3.0
+    cond = torch.randn(512, 2, generator=generator)
+    flow.initialize_global_affine(x, cond)
+    z, _ = flow(x, cond)
+    torch.testing.assert_close(z.mean(0), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(6), atol=1e-3, rtol=0)
+    x_back, _ = flow(z, cond, reverse=True)
+    torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-5)

@@ -3,8 +3,10 @@ selection, and the torch and faiss searches agree.
 
 Learning bars (brick_set, image_size 64, seed 0, defaults otherwise): measured image AUROC 1.00 and pixel AUROC
 0.96; asserted >= 0.90 and >= 0.85.
-Real data (magnetic-tile, image_size 128, 40 train/good images, 40 test/good + 40 defects taken round-robin over
-the sorted defect classes, first files in sorted order): measured image AUROC 0.71-0.75; asserted >= 0.65.
+Real data (magnetic-tile, image_size 128, fit on the first 40 train/good images in sorted order, tested on the
+first 40 test/good + 40 defect images taken round-robin over the sorted defect classes, 8 of each): measured image
+AUROC 0.710 (per class 0.61 blowhole and crack, 0.81 break, 0.76 fray and uneven: small defects blur at 128 px);
+asserted >= 0.70, as asked, close to the measured value.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from synth.defect_set import read_defect_set
 from synth.errors import ConfigError, InputError
 
 SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tensors are small: one torch thread is as fast on an idle machine and far faster on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +94,15 @@ def test_faiss_search_matches_torch(fitted, brick_set):
     assert model._faiss_index is not None  # built lazily, once
 
 
-def test_forward_traces_as_plain_torch(fitted):
-    detector = fitted[0]
-    model = detector.model
+def test_forward_exports_as_plain_torch(fitted):
+    model = fitted[0].model
     images = torch.rand(2, 3, SIZE, SIZE)
-    model.nn_backend = "faiss"  # ignored while tracing: the traced graph is pure torch
+    model.nn_backend = "faiss"  # ignored while exporting: the exported graph is pure torch
     try:
         with torch.no_grad():
-            traced = torch.jit.trace(model, images, check_trace=False)
+            exported = torch.export.export(model, (images,)).module()
             expected = model(images)
-            got = traced(images)
+            got = exported(images)
     finally:
         model.nn_backend = "torch"
     torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
@@ -130,7 +140,7 @@ def test_other_image_sizes_are_resized(fitted):
 
 def test_unfitted_predict_raises():
     with pytest.raises(InputError, match="not fitted"):
-        Patchcore(image_size=SIZE).predict([np.zeros((SIZE, SIZE, 3), np.uint8)])
+        Patchcore(image_size=SIZE, pretrained=False).predict([np.zeros((SIZE, SIZE, 3), np.uint8)])
 
 
 @pytest.mark.parametrize("key, value", [
@@ -158,8 +168,8 @@ def naive_greedy(features: torch.Tensor, k: int, projection_dim: int, seed: int)
 
 
 @pytest.mark.parametrize("n, dim, k, projection_dim, block_size", [
-    (400, 16, 60, 128, 32),  # no projection (dim < projection_dim), many small blocks
-    (1500, 96, 150, 24, 512),  # projected, blocks larger than the lazy updates
+    (300, 16, 50, 128, 16),  # no projection (dim < projection_dim), many small blocks
+    (700, 96, 70, 24, 512),  # projected, one block larger than the others
 ])
 def test_coreset_is_the_greedy_k_center_selection(n, dim, k, projection_dim, block_size):
     features = torch.randn(n, dim, generator=torch.Generator().manual_seed(n)) * 3 + 1
@@ -187,9 +197,10 @@ def test_coreset_count_distinct_and_seeded():
 
 def test_max_patches_caps_the_training_patches(brick_set):
     images = [brick_set.image_path(s) for s in brick_set.select(split="train")]
-    detector = Patchcore(image_size=SIZE, max_patches=300)
+    detector = Patchcore(image_size=SIZE)
+    everything = detector.extract_patches(images)
+    detector.config.max_patches = 300
     capped = detector.extract_patches(images)
-    everything = Patchcore(image_size=SIZE, max_patches=10**6).extract_patches(images)
     assert capped.shape == (300, 152) and everything.shape == (16 * 64, 152)
     # A subset of the real patches (rows kept in their original order).
     matches = torch.cdist(capped, everything).argmin(1)
@@ -204,7 +215,8 @@ def test_max_patches_caps_the_training_patches(brick_set):
 @pytest.mark.real_data
 def test_magnetic_tile_real_defects(magnetic_tile):
     data = read_defect_set(magnetic_tile)
-    train = sorted(data.select(split="train", anomalous=False), key=lambda s: s.image)[:40]
+    normals = sorted(data.select(split="train", anomalous=False), key=lambda s: s.image)
+    train, calibration = normals[:40], normals[40:50]  # all 40 train; threshold on 10 other normals
     good = sorted(data.select(split="test", anomalous=False), key=lambda s: s.image)[:40]
     by_class: dict[str, list] = {}
     for sample in sorted(data.select(split="test", anomalous=True), key=lambda s: s.image):
@@ -212,7 +224,9 @@ def test_magnetic_tile_real_defects(magnetic_tile):
     rounds = zip(*(by_class[c] for c in sorted(by_class)), strict=False)
     defects = [s for group in rounds for s in group][:40]
     assert len(defects) == 40 and len({s.defect_class for s in defects}) == len(by_class)
-    detector = Patchcore(image_size=128).fit([data.image_path(s) for s in train], progress=False)
+    detector = Patchcore(image_size=128).fit([data.image_path(s) for s in train],
+                                             [data.image_path(s) for s in calibration], progress=False)
+    assert detector.model.memory_bank.shape == (coreset_size(40 * 16 * 16, 0.1), 152)
     prediction = detector.predict([load_rgb(data.image_path(s)) for s in good + defects])
     image_auroc = auroc(prediction.scores, np.r_[np.zeros(40, bool), np.ones(40, bool)])
-    assert image_auroc >= 0.65, image_auroc
+    assert image_auroc >= 0.70, image_auroc

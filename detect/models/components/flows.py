@@ -11,7 +11,8 @@ channels (a feature map (N, C, H, W) or a vector batch (N, C)):
    ``s = clamp * 2/pi * atan(a_s)`` ("atan", Glow-style); the second half is the shift ``t``;
 3. ``y2 = x2 * exp(s) + t``, ``y = [x1, y2]``;
 4. optional global affine (ActNorm-like, learned per channel): ``y * scale + offset`` with
-   ``scale = 0.2 * log(1 + exp(0.5 * g))`` (FrEIA's "SOFTPLUS" parametrisation, initialised to 1);
+   ``scale = 0.2 * log(1 + exp(0.5 * g))`` (FrEIA's "SOFTPLUS" parametrisation), initialised to the identity
+   or, with ``initialize_global_affine(x)``, data-dependently as Glow's ActNorm (standardised outputs on x);
 5. a fixed channel mixing drawn from a seeded ``torch.Generator``: a hard random permutation, or (``permute_soft``)
    a random rotation (FrEIA's soft permutation; orthogonal, so its log-determinant is 0).
 
@@ -87,9 +88,12 @@ def random_rotation(channels: int, generator: torch.Generator | None = None) -> 
 
 
 # ----- coupling block ---------------------------------------------------------------------------------------------
-def _softplus_init(value: float) -> float:
-    # inverse of 0.1 * softplus_{beta=0.5}(g) = 0.2 * log(1 + exp(0.5 g)) at ``value`` (FrEIA's SOFTPLUS init)
-    return 2.0 * math.log(math.exp(0.5 * 10.0 * value) - 1.0)
+def _softplus_init(value: float | torch.Tensor) -> float | torch.Tensor:
+    """Inverse of the global-scale activation ``0.1 * softplus_{beta=0.5}(g) = 0.2 * log(1 + exp(0.5 g))``:
+    ``g = 2 log(exp(5 value) - 1)``, written stably (FrEIA's SOFTPLUS initialisation)."""
+    if isinstance(value, torch.Tensor):
+        return 10.0 * value + 2.0 * torch.log(-torch.expm1(-5.0 * value))
+    return 10.0 * value + 2.0 * math.log(-math.expm1(-5.0 * value))
 
 
 class AffineCouplingBlock(nn.Module):
@@ -168,6 +172,25 @@ class AffineCouplingBlock(nn.Module):
             return torch.einsum("ij,nj...->ni...", w.to(x.dtype), x)
         return x.index_select(1, self.inv_perm if inverse else self.perm)
 
+    def _coupled(self, x: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """The affine coupling alone (no global affine, no permutation)."""
+        x1, x2 = torch.split(x, [self.split1, self.split2], dim=1)
+        s, t = self._coupling(x1, condition)
+        return torch.cat([x1, x2 * torch.exp(s) + t], dim=1)
+
+    @torch.no_grad()
+    def initialize_global_affine(self, x: torch.Tensor, condition: torch.Tensor | None = None,
+                                 eps: float = 1e-6) -> None:
+        """Glow's data-dependent ActNorm initialisation: set the global scale / offset so that this block's
+        output has zero mean and unit variance per channel on ``x``."""
+        if not self.global_affine:
+            return
+        y = self._coupled(x, condition).transpose(0, 1).reshape(self.channels, -1)
+        mean, std = y.mean(dim=1), y.std(dim=1)
+        scale = 1.0 / (std + eps)
+        self.global_scale.copy_(_softplus_init(scale).view(1, -1))
+        self.global_offset.copy_((-mean * scale).view(1, -1))
+
     def _coupling(self, x1: torch.Tensor, condition: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.condition_channels:
             if condition is None:
@@ -215,6 +238,14 @@ class FlowSequence(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         for block in self.blocks:
             block.reset_parameters(generator)
+
+    @torch.no_grad()
+    def initialize_global_affine(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> None:
+        """Glow-style data-dependent initialisation of every block's global affine (ActNorm), block by block on
+        the sample ``x`` propagated through the chain: each block's output starts standardised per channel."""
+        for block in self.blocks:
+            block.initialize_global_affine(x, condition)
+            x, _ = block(x, condition)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None, reverse: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:

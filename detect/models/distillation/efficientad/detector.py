@@ -23,8 +23,14 @@ substitutions listed under "Deviations":
      brightness / contrast / saturation jitter, factor in [0.8, 1.2], chosen at random as in the paper),
    - L_STAE: mean squared difference of the student's second half vs the autoencoder on that copy;
    loss = L_hard + penalty + L_AE + L_STAE.
-4. Map normalisation: the 0.9 and 0.995 quantiles of the local and the global maps on normal images held
-   out of training (``quantile_holdout``; the training images themselves when that leaves none).
+4. Map normalisation: the 0.9 and 0.995 quantiles of the local and the global maps on normal images not
+   used for training (paper: a 10 % validation split of the training images). Here these are the normal
+   validation images of ``fit``: the ``val_fraction`` of the training normals that ``fit`` holds out for
+   threshold calibration, or the normal images of the ``val`` data given to ``fit`` (so no further images are
+   taken from training). ``_fit`` first sets them from the training images (a model usable on its own);
+   ``_calibrate`` replaces them from the validation normals before calibrating the threshold. Only when
+   there are no held-out normals (fewer than 5 training images, or ``val_fraction`` 0) do the training
+   images' quantiles stay.
 
 Deviations from the paper (all for offline CPU training; see the config docstring for the numbers):
 - Teacher: distilled from EfficientNet-Lite0 (not WideResNet-101) on the training normals plus a small
@@ -52,12 +58,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from detect.base import Detector, DetectorConfig
-from detect.data import ImageInput, load_rgb
+from detect.base import Detector, DetectorConfig, ValidationData
+from detect.data import ImageInput, iter_batches, load_rgb
 from detect.models.components.feature_extractor import BackboneConfig, FeatureExtractor, build_feature_extractor
 from detect.models.components.training import TrainingConfig, check_training_config, train_loop
 from detect.models.distillation.efficientad.torch_model import MODEL_SIZES, TEACHER_CHANNELS, EfficientAdModel
 from detect.registry import register
+from detect.threshold import Calibration
 from synth.errors import ConfigError, InputError
 from synth.io import list_images
 
@@ -95,8 +102,6 @@ class EfficientAdConfig(DetectorConfig, BackboneConfig, TrainingConfig):
         weight decay 1e-5); the lr is raised for short CPU training.
     train_batch_size: mini-batch of the student/autoencoder training (paper: 1).
     p_hard: hard-feature quantile of the student loss.
-    quantile_holdout: share of the training images held out for the map-normalisation quantiles (paper:
-        10 % validation split); when it rounds to none, the training images are used.
     blur_sigma: optional Gaussian blur of the final map (paper: none).
     """
 
@@ -111,7 +116,6 @@ class EfficientAdConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     weight_decay: float = 1e-5
     train_batch_size: int = 4
     p_hard: float = 0.999
-    quantile_holdout: float = 0.1
     blur_sigma: float = 0.0
 
     def __post_init__(self) -> None:
@@ -135,7 +139,6 @@ class EfficientAdConfig(DetectorConfig, BackboneConfig, TrainingConfig):
         self.check(isinstance(self.train_batch_size, int) and self.train_batch_size >= 1, "train_batch_size",
                    "an integer >= 1")
         self.check(0 < self.p_hard < 1, "p_hard", "in (0, 1)")
-        self.check(0 <= self.quantile_holdout < 1, "quantile_holdout", "in [0, 1)")
         self.check(0 <= self.blur_sigma <= 32, "blur_sigma", "in [0, 32]")
 
 
@@ -286,19 +289,13 @@ class EfficientAd(Detector):
         model.reset_parameters(generator)
 
         pixels = self.load_tensor(images)
-        n_hold = int(round(cfg.quantile_holdout * len(pixels)))
-        if 0 < n_hold < len(pixels):
-            order = torch.randperm(len(pixels), generator=generator)
-            held_out, pixels = pixels[order[:n_hold].sort().values], pixels[order[n_hold:].sort().values]
-        else:
-            held_out = pixels
         pool = generic_pool(cfg, rng)
 
         self._distill_teacher(pixels, pool, generator, progress)
         model.teacher.requires_grad_(False)
         self._teacher_statistics(pixels)
         self._train_student(pixels, pool, generator, progress)
-        self._map_quantiles(held_out)
+        self._map_quantiles(pixels)  # replaced by the validation normals' quantiles in _calibrate
         model.eval()
 
     # ----- stage 1: teacher -------------------------------------------------------------------------------------
@@ -393,14 +390,24 @@ class EfficientAd(Detector):
         model.autoencoder.set_generator(None)
 
     # ----- stage 3: map normalisation -------------------------------------------------------------------------
+    def _calibrate(self, data: ValidationData) -> Calibration:
+        normals = [image for image, anomalous in zip(data.images, data.labels, strict=True) if not anomalous]
+        if normals:
+            self._map_quantiles(normals)
+        return super()._calibrate(data)
+
     @torch.no_grad()
-    def _map_quantiles(self, held_out: torch.Tensor) -> None:
+    def _map_quantiles(self, images: torch.Tensor | list[ImageInput]) -> None:
+        """Quantiles q_a (0.9) and q_b (0.995) of the local and global maps over all pixels of ``images``."""
         model: EfficientAdModel = self.model
         model.eval()
-        if len(held_out) == 0:
+        if len(images) == 0:
             raise InputError(f"{self.name}: no images for the map normalisation quantiles.")
-        maps = [model.raw_maps(held_out[i:i + self.config.batch_size])
-                for i in range(0, len(held_out), self.config.batch_size)]
+        bs = self.config.batch_size
+        if isinstance(images, torch.Tensor):
+            maps = [model.raw_maps(images[i:i + bs]) for i in range(0, len(images), bs)]
+        else:
+            maps = [model.raw_maps(batch) for batch, _ in iter_batches(images, self.config.image_size, bs)]
         levels = torch.tensor([Q_START, Q_END], dtype=torch.float64)
         for index, name in enumerate(("quantiles_st", "quantiles_ae")):
             values = torch.cat([m[index] for m in maps]).flatten().double()

@@ -5,9 +5,10 @@ Training as in the paper: the student (same architecture as the teacher, random 
 teacher's features are computed once and cached (no augmentation), the student runs in training mode (its
 BatchNorm statistics are learnt as well) and is switched to eval mode for inference.
 
-Optimiser: the paper trains 100 epochs with SGD (lr 0.4, momentum 0.9, weight decay 1e-4) at batch size 32
-on 256-px MVTec images. Here the defaults are tuned to train in seconds on a CPU with a few dozen small
-images (see ``StfpmConfig``); ``optimizer="sgd"`` with the paper's settings remains available.
+Optimiser: the paper's SGD (lr 0.4, momentum 0.9, weight decay 1e-4). It converges within a few dozen steps
+even on a dozen 64-px images (loss / 7 in 20 steps on the brick crops), so it is the default; the paper
+trains 100 epochs at batch size 32, the default here is 50 epochs (the paper's schedule costs hours on a
+CPU at 256 px). ``optimizer="adam"`` (with e.g. ``lr=1e-3``) is available as an alternative.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ class StfpmConfig(DetectorConfig, BackboneConfig, TrainingConfig):
 
     layers: pyramid levels matched (tf_efficientnet_lite0 1, 2, 3: strides 4, 8, 16; the paper uses ResNet-18's
         conv2_x..conv4_x, strides 4, 8, 16).
-    epochs, lr, patience, min_delta: training (see ``TrainingConfig``).
-    optimizer: "adam" (default) or "sgd" (the paper's). Adam at lr 1e-3 reaches a lower loss within a few dozen
-        small-batch steps on CPU; SGD with the paper's lr 0.4 needs the paper's hundreds of steps.
+    epochs: passes over the training images (paper 100; 50 here, enough for small training sets).
+    lr: learning rate (paper 0.4 with SGD; use about 1e-3 with Adam).
+    patience, min_delta: early stopping (see ``TrainingConfig``).
+    optimizer: "sgd" (the paper's, default) or "adam".
     momentum: SGD momentum (paper 0.9); ignored by Adam.
     weight_decay: L2 penalty of either optimiser (paper 1e-4).
     map_mode: "product" (paper: element-wise product of the per-level maps) or "sum".
@@ -42,9 +44,9 @@ class StfpmConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     """
 
     layers: list[int] = field(default_factory=lambda: [1, 2, 3])
-    epochs: int = 40
-    lr: float = 1e-3
-    optimizer: str = "adam"
+    epochs: int = 50
+    lr: float = 0.4
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
     map_mode: str = "product"
@@ -53,10 +55,6 @@ class StfpmConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_training_config(self)
-        self.check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-                   and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and list(self.layers) == sorted(set(self.layers)), "layers",
-                   "a non-empty ascending list of distinct feature indices")
         self.check(self.optimizer in OPTIMIZERS, "optimizer", f"one of {OPTIMIZERS}")
         self.check(0 <= self.momentum < 1, "momentum", "in [0, 1)")
         self.check(self.weight_decay >= 0, "weight_decay", ">= 0")

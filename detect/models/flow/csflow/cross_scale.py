@@ -28,8 +28,8 @@ from torch import nn
 
 
 def soft_clamp(s: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The paper's soft clamp of log-scales, (2 alpha / pi) atan(s / alpha), in (-alpha, alpha); identity-like
-    near 0. ``alpha <= 0`` disables clamping."""
+    """The paper's soft clamp of log-scales, (2 alpha / pi) atan(s / alpha): in (-alpha, alpha), linear with slope
+    2 / pi near 0. ``alpha <= 0`` disables clamping."""
     if alpha <= 0:
         return s
     return (2.0 * alpha / math.pi) * torch.atan(s / alpha)

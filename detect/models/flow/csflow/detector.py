@@ -31,11 +31,14 @@ class CsFlowConfig(DetectorConfig, BackboneConfig, TrainingConfig):
         uses EfficientNet-B5 block 36 (stride 32, 304 channels) of 768 px images.
     n_scales: input scales 1, 1/2, 1/4, ... (paper: 3); image_size must be divisible by 2 ** (n_scales - 1).
     n_coupling_blocks: permute + cross-scale coupling blocks (paper: 4; last block uses 5x5 kernels).
-    hidden_channels: channels inside the coupling subnetworks (paper: 1024 for 304 input channels; 512 here for
-        112 input channels and CPU training).
+    hidden_channels: channels inside the coupling subnetworks (paper: 1024 for 304 input channels). 64 here: the
+        flow then has 6.3M parameters instead of 51M at 512, trains ~8x faster on CPU, and 64 / 128 reached the
+        same AUROCs on magnetic tiles (128 px, 100 images: image 0.70 / 0.68, pixel 0.80 / 0.79).
     clamp: alpha of the soft clamp of the log-scales (paper: 3).
     feature_pool: optional k x k average pooling (stride 1) of the feature maps; 1 = none (paper).
-    epochs: passes over the training images (paper: 240 on MVTec AD; 40 here, enough for a CPU default).
+    epochs: passes over the training images (paper: 240 on MVTec AD). 60 here for CPU time: with lr 2e-4 the loss
+        settles after ~400-800 Adam steps, i.e. 60 epochs of >= ~120 images (batch 16); smaller training sets
+        need more epochs or a higher lr (e.g. 1e-3).
     lr, weight_decay, adam_eps, clip_grad_norm: the paper's Adam 2e-4 / 1e-5 (eps 1e-4, gradient norm clipped at 1
         as in the reference code).
     blur_sigma: Gaussian smoothing (pixels at the input size) of the anomaly map; 0 disables it.
@@ -44,10 +47,10 @@ class CsFlowConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     layers: list[int] = field(default_factory=lambda: [3])
     n_scales: int = 3
     n_coupling_blocks: int = 4
-    hidden_channels: int = 512
+    hidden_channels: int = 64
     clamp: float = 3.0
     feature_pool: int = 1
-    epochs: int = 40
+    epochs: int = 60
     lr: float = 2e-4
     weight_decay: float = 1e-5
     adam_eps: float = 1e-4

@@ -1,0 +1,195 @@
+"""EfficientAD inference latency on the CPU (ms/image, batch size 1), as in the paper's latency table.
+
+Run:
+
+    python scripts/bench_efficientad.py                     # writes scripts/results/bench_efficientad.{json,md}
+    python scripts/bench_efficientad.py --sizes 256 --runs 50 --repeats 3 --compile
+
+What is timed: the complete inference module (``EfficientAdModel.forward``: ImageNet normalisation, teacher,
+student and autoencoder, both maps, quantile normalisation, padding and resizing to the input size, image
+score), for one 3 x S x S image, after ``--warmup`` calls, ``--runs`` calls per measurement, median taken.
+Latency does not depend on the weights (no data-dependent control flow), so a freshly initialised, seeded
+model is timed; its buffers have the shapes of a trained one.
+
+Variants, each with torch.set_num_threads(2) and (1):
+- ``no_grad``: eager PyTorch under torch.no_grad
+- ``inference_mode``: eager under torch.inference_mode
+- ``inference_mode+channels_last``: model and input in channels_last memory format
+- ``jit_trace+freeze``: torch.jit.trace, torch.jit.freeze and optimize_for_inference (oneDNN fusions)
+- ``compile`` (only with --compile): torch.compile (inductor), under inference_mode
+
+The machine is shared: every measurement is repeated ``--repeats`` times and the best median is reported,
+together with the 1-minute load average seen around it. MACs are counted from the convolutions (the
+paper's FLOP figures count a multiply-add as two operations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from detect.models.distillation.efficientad.torch_model import EfficientAdModel
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "scripts" / "results"
+TARGET_MS = 30.0
+
+
+def conv_macs(model: nn.Module, size: int) -> dict[str, float]:
+    """Multiply-accumulates of every Conv2d for one size x size image, per submodule (teacher/student/AE)."""
+    counts: dict[str, float] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            part = name.split(".")[0]
+
+            def hook(mod: nn.Conv2d, _inp: tuple, out: torch.Tensor, part: str = part) -> None:
+                per_output = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+                counts[part] = counts.get(part, 0.0) + out.numel() * per_output
+
+            hooks.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model(torch.rand(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return counts
+
+
+def time_median(call: Callable[[], object], warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def variants(model: EfficientAdModel, size: int, with_compile: bool) -> dict[str, Callable[[], object]]:
+    x = torch.rand(1, 3, size, size)
+    out: dict[str, Callable[[], object]] = {}
+
+    def no_grad() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    def inference() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    out["no_grad"] = no_grad
+    out["inference_mode"] = inference
+
+    model_cl = EfficientAdModel(model.model_size, size).eval()
+    model_cl.load_state_dict(model.state_dict())
+    model_cl = model_cl.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+
+    def channels_last() -> object:
+        with torch.inference_mode():
+            return model_cl(x_cl)
+
+    out["inference_mode+channels_last"] = channels_last
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still the fastest here
+        traced = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x).eval()))
+
+    def jit() -> object:
+        with torch.no_grad():
+            return traced(x)
+
+    out["jit_trace+freeze"] = jit
+    if with_compile:
+        compiled = torch.compile(model)
+
+        def compiled_call() -> object:
+            with torch.inference_mode():
+                return compiled(x)
+
+        out["compile"] = compiled_call
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--model-size", default="small", choices=["small", "medium"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    rows = []
+    macs = {}
+    for size in args.sizes:
+        model = EfficientAdModel(args.model_size, size).eval()
+        model.reset_parameters(torch.Generator().manual_seed(0))
+        counts = conv_macs(model, size)
+        macs[size] = {k: round(v / 1e9, 3) for k, v in counts.items()} | {"total": round(sum(counts.values()) / 1e9, 3)}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for name, call in variants(model, size, args.compile).items():
+                medians, loads = [], []
+                for _ in range(args.repeats):
+                    load_before = os.getloadavg()[0]
+                    medians.append(time_median(call, args.warmup, args.runs))
+                    loads.append(round(max(load_before, os.getloadavg()[0]), 2))
+                best = min(medians)
+                rows.append({"size": size, "threads": threads, "variant": name, "best_median_ms": round(best, 2),
+                             "medians_ms": [round(m, 2) for m in medians], "load_avg_1min": loads})
+                print(f"{size:4d}px {threads} thr {name:30s} best median {best:9.2f} ms  "
+                      f"(medians {[round(m, 1) for m in medians]}, load {loads})", flush=True)
+
+    result = {
+        "model": f"EfficientAD-{args.model_size[0].upper()}",
+        "batch_size": 1,
+        "runs_per_median": args.runs,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "target_ms": TARGET_MS,
+        "gmacs_per_image": macs,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "results": rows,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_efficientad.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    lines = [
+        f"# {result['model']} CPU latency (batch 1, median of {args.runs} runs, best of {args.repeats})",
+        "",
+        f"torch {torch.__version__}, {os.cpu_count()} CPU cores (shared machine: load average shown). "
+        f"Target: <= {TARGET_MS:.0f} ms/image on 2 cores at 256 px.",
+        "",
+        "GMACs per image (convolutions): " + "; ".join(
+            f"{s} px: " + ", ".join(f"{k} {v}" for k, v in m.items()) for s, m in macs.items()),
+        "",
+        "| size | threads | variant | best median ms | medians ms | load avg (1 min) |",
+        "|---:|---:|---|---:|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['size']} | {r['threads']} | {r['variant']} | {r['best_median_ms']:.1f} | "
+                     f"{', '.join(f'{m:.1f}' for m in r['medians_ms'])} | "
+                     f"{', '.join(f'{v:.1f}' for v in r['load_avg_1min'])} |")
+    (args.out / "bench_efficientad.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
