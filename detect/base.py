@@ -12,6 +12,7 @@ Saved models are a folder: ``config.json`` (model name, config, calibration) and
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -94,6 +95,55 @@ class Prediction:
 
 
 @dataclass
+class AnomalySamples:
+    """Labeled anomalous images (real or synthetic) that supervised detectors train on.
+
+    images: paths or uint8 HxWx3 arrays; masks: bool (H, W) per image at that image's own size (None when
+    only the image label is known); source: "real" or "synthetic" (recorded, not used for training).
+    """
+
+    images: list[ImageInput]
+    masks: list[np.ndarray | None]
+    source: str = "real"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Image ``index`` as uint8 HxWx3 and its bool mask (same size, or None)."""
+        image = load_rgb(self.images[index])
+        mask = self.masks[index]
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise InputError(f"anomaly sample {index} ({self.images[index]!r}): mask {mask.shape} differs from "
+                             f"the image {image.shape[:2]}; give masks of the image's size.")
+        return image, mask
+
+
+def resolve_anomalies(data: DefectSet | str | Path | AnomalySamples | Sequence[tuple[ImageInput, Any]]
+                      ) -> AnomalySamples:
+    """Anomalous training samples from a defect set / MVTec folder (every anomalous sample of any split, with
+    its mask), an ``AnomalySamples``, or a list of ``(image, mask_or_None)`` pairs."""
+    if isinstance(data, AnomalySamples):
+        samples = data
+    elif isinstance(data, (str, Path, DefectSet)):
+        dataset = data if isinstance(data, DefectSet) else read_defect_set(data)
+        chosen = dataset.select(anomalous=True)
+        if not chosen:
+            raise InputError(f"{dataset.root}: no anomalous samples (test/<class>/ with ground_truth/ masks) to "
+                             f"train on; generate some with `synth generate` or drop anomalies=.")
+        source = "synthetic" if any(s.generator for s in chosen) else "real"
+        samples = AnomalySamples([dataset.image_path(s) for s in chosen],
+                                 [dataset.load_mask(s) if s.mask is not None else None for s in chosen], source)
+    else:
+        pairs = list(data)
+        samples = AnomalySamples([p[0] for p in pairs],
+                                 [None if p[1] is None else np.asarray(p[1]) > 0 for p in pairs])
+    if len(samples) == 0:
+        raise InputError("anomalies: no anomalous samples given.")
+    return samples
+
+
+@dataclass
 class ValidationData:
     images: list[ImageInput]
     labels: np.ndarray
@@ -107,6 +157,8 @@ class Detector:
     name: ClassVar[str] = ""
     paradigm: ClassVar[str] = ""
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    # True for models that can also train on labeled anomalies (fit(..., anomalies=...)).
+    supports_anomalies: ClassVar[bool] = False
 
     def __init__(self, _loading: bool = False, **config: Any):
         # _loading: built by detect.load(), whose weights file replaces every tensor, so pretrained
@@ -119,6 +171,8 @@ class Detector:
         self.config = self.Config(**config)
         self.calibration: Calibration | None = None
         self.fitted = False
+        # Labeled anomalies for this fit (None: normal images only); read by supervised models' _fit.
+        self.train_anomalies: AnomalySamples | None = None
         self.model = self.build_model()
 
     # ----- to implement -------------------------------------------------------------------------------------
@@ -137,13 +191,23 @@ class Detector:
         return load_tensor(images, self.config.image_size)
 
     def fit(self, train: DefectSet | str | Path | list[ImageInput], val: DefectSet | str | Path | list | None = None,
-            *, progress: bool = True) -> Detector:
+            *, anomalies: DefectSet | str | Path | AnomalySamples | Sequence[tuple[ImageInput, Any]] | None = None,
+            progress: bool = True) -> Detector:
         """Train on normal images, then calibrate the threshold on validation data.
 
         ``train``: a defect set / MVTec folder (its ``train/good``), an image folder or a list of images.
         ``val``: a defect set / MVTec folder (its ``test`` split, labels and masks used), or normal images;
         when omitted, ``val_fraction`` of the training normals is held out (5 or more images).
+        ``anomalies``: labeled anomalous images (real, or synthetic from ``synth generate``) for models with
+        ``supports_anomalies`` (supervised training); see :func:`resolve_anomalies` for the accepted forms.
         """
+        if anomalies is not None and not self.supports_anomalies:
+            from detect.registry import get_model_class, list_models
+
+            able = [n for n in list_models() if get_model_class(n).supports_anomalies]
+            raise InputError(f"{self.name} trains on normal images only and cannot use anomalies=; models that "
+                             f"train on labeled anomalies: {', '.join(able) or 'none registered'}.")
+        self.train_anomalies = resolve_anomalies(anomalies) if anomalies is not None else None
         images = resolve_images(train)
         torch.manual_seed(self.config.seed)
         held_out: list[ImageInput] = []
@@ -152,7 +216,10 @@ class Detector:
             n_val = max(1, int(round(self.config.val_fraction * len(images))))
             held_out = [images[i] for i in sorted(order[:n_val])]
             images = [images[i] for i in sorted(order[n_val:])]
-        self._fit(images, progress)
+        try:
+            self._fit(images, progress)
+        finally:
+            self.train_anomalies = None  # paths/arrays of one fit are not kept on the detector
         self.model.eval()
         self.fitted = True
         validation = self._validation_data(val, held_out or images)

@@ -45,8 +45,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     options.pop("model", None)
     if not name:
         raise ConfigError("no model given: pass --model NAME (see `detect models`) or `model:` in --config")
-    fit_model(name, args.data, args.out, options=options, val=args.val, progress=not args.quiet,
-              force=args.force)
+    fit_model(name, args.data, args.out, options=options, val=args.val, anomalies=args.anomalies,
+              progress=not args.quiet, force=args.force)
     return 0
 
 
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--model", help="model name (detect models)")
     fit.add_argument("--data", type=Path, required=True, help="MVTec-layout dataset (train/good) or image folder")
     fit.add_argument("--val", type=Path, help="validation data for the threshold (default: held-out normals)")
+    fit.add_argument("--anomalies", type=Path, help="labeled anomalies to train on (defect set from `synth generate` "
+                     "or MVTec folder; supervised models only, e.g. supersimplenet)")
     fit.add_argument("--out", type=Path, required=True, help="model folder to write")
     fit.add_argument("--force", action="store_true", help="overwrite an existing model folder")
     _add_model_options(fit)

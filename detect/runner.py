@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 
 def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
-              val: str | Path | None = None, progress: bool = True, force: bool = False) -> Detector:
+              val: str | Path | None = None, anomalies: str | Path | None = None, progress: bool = True,
+              force: bool = False) -> Detector:
     """Create, fit and save a model; the folder appears complete or not at all (written beside, then renamed)."""
     out = Path(out)
     if (out / CONFIG_FILE).exists() and not force:
@@ -36,7 +37,7 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
         raise InputError(f"{out}: exists and is a file; choose a folder for --out.")
     detector = create(name, **(options or {}))
     start = time.perf_counter()
-    detector.fit(data, val, progress=progress)
+    detector.fit(data, val, anomalies=anomalies, progress=progress)
     elapsed = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
