@@ -211,22 +211,26 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path | No
 
 
 def _benchmark_one(name: str, data: str, options: dict[str, Any], max_train: int | None) -> dict[str, Any]:
+    import os
     import resource
 
     from detect.data import resolve_images
 
-    train = resolve_images(data)
-    if max_train is not None:
-        train = train[:max_train]
-    detector = create(name, **options)
-    start = time.perf_counter()
-    detector.fit(train, progress=False)
-    fit_s = time.perf_counter() - start
-    metrics = evaluate_detector(detector, data)
+    try:
+        train = resolve_images(data)
+        if max_train is not None:
+            train = train[:max_train]
+        detector = create(name, **options)
+        start = time.perf_counter()
+        detector.fit(train, progress=False)
+        fit_s = time.perf_counter() - start
+        metrics = evaluate_detector(detector, data)
+    except Exception as exc:  # one model's failure (e.g. hub weights absent offline) must not end the table
+        return {"model": name, "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     keys = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "predict_images_per_s")
     return {"model": name, "fit_s": fit_s, "peak_rss_mb": peak_mb, "train_images": len(train),
-            **{k: metrics.get(k) for k in keys}}
+            "load_avg_1min": os.getloadavg()[0], **{k: metrics.get(k) for k in keys}}
 
 
 def _fmt(value: Any) -> str:
@@ -238,8 +242,14 @@ def _fmt(value: Any) -> str:
 
 
 def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
-              max_train: int | None = None, progress: bool = True) -> str:
-    """Fit and evaluate each model in its own process (so peak memory is per model); returns a markdown table."""
+              max_train: int | None = None, progress: bool = True, resume: bool = True) -> str:
+    """Fit and evaluate each model in its own process (so peak memory is per model); returns a markdown table.
+
+    Results are written after every model; with ``resume`` a rerun with the same data and options skips the
+    models already measured (an interrupted benchmark continues where it stopped). A model that fails (for
+    example a foundation model whose hub weights are absent offline) gets its error in the table.
+    """
+    import json
     import multiprocessing
 
     from tqdm import tqdm
@@ -248,17 +258,36 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
 
     for name in names:
         get_model_class(name)  # unknown names fail before any work
+    out = Path(out)
+    setup = {"data": str(data), "options": options or {}, "max_train": max_train}
+    done: dict[str, dict[str, Any]] = {}
+    previous = out / "benchmark.json"
+    if resume and previous.is_file():
+        try:
+            stored = json.loads(previous.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            stored = {}
+        if all(stored.get(k) == v for k, v in setup.items()):
+            done = {r["model"]: r for r in stored.get("results", []) if "error" not in r}
     context = multiprocessing.get_context("spawn")
-    results = []
+    results: list[dict[str, Any]] = []
     for name in tqdm(names, desc="detect benchmark", disable=not progress):
-        with context.Pool(1) as pool:
-            results.append(pool.apply(_benchmark_one, (name, str(data), dict(options or {}), max_train)))
+        if name in done:
+            results.append(done[name])
+        else:
+            with context.Pool(1) as pool:
+                results.append(pool.apply(_benchmark_one, (name, str(data), dict(options or {}), max_train)))
+        write_json(out / "benchmark.json", {**setup, "results": results + [
+            r for n, r in done.items() if n not in {x["model"] for x in results}]})
     columns = ["model", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_s", "predict_images_per_s",
                "peak_rss_mb", "train_images"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in results]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['model']} | not run: {r['error'].replace('|', '/')} |" + " |" * (len(columns) - 2))
+        else:
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     table = "\n".join(lines)
-    out = Path(out)
-    write_json(out / "benchmark.json", {"data": str(data), "options": options or {}, "results": results})
+    write_json(out / "benchmark.json", {**setup, "results": results})
     write_text(out / "benchmark.md", table + "\n")
     return table
