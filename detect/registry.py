@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+import logging
 import pkgutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ from typing import Any
 from detect.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Detector
 from synth.errors import InputError
 
+logger = logging.getLogger(__name__)
+
 _REGISTRY: dict[str, type[Detector]] = {}
+# Model packages that failed to import (e.g. an optional dependency such as open_clip is not installed):
+# package name -> error. The other models stay usable; asking for a broken one re-raises its error.
+_IMPORT_ERRORS: dict[str, str] = {}
 _discovered = False
 
 
@@ -38,7 +44,12 @@ def _discover() -> None:
 
     for info in pkgutil.walk_packages(models.__path__, prefix="detect.models."):
         if info.name.count(".") == 3 and info.ispkg:  # detect.models.<paradigm>.<model>
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except Exception as exc:  # noqa: BLE001 - reported per model; tests assert there are none
+                _IMPORT_ERRORS[info.name.rsplit(".", 1)[1]] = f"{type(exc).__name__}: {exc}"
+                logger.warning("detector package %s could not be imported (%s); the other models are usable",
+                               info.name, exc)
     _discovered = True
 
 
@@ -51,6 +62,9 @@ def list_models(paradigm: str | None = None) -> list[str]:
 def get_model_class(name: str) -> type[Detector]:
     _discover()
     key = name.lower().replace("-", "_")
+    if key not in _REGISTRY and key in _IMPORT_ERRORS:
+        raise InputError(f"model {name!r} could not be imported: {_IMPORT_ERRORS[key]}. Install its optional "
+                         f"dependencies (e.g. pip install 'pixelvision[clip]' for winclip).")
     if key not in _REGISTRY:
         close = difflib.get_close_matches(key, _REGISTRY, n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -251,6 +251,8 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
     """
     import json
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
 
@@ -275,8 +277,13 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
         if name in done:
             results.append(done[name])
         else:
-            with context.Pool(1) as pool:
-                results.append(pool.apply(_benchmark_one, (name, str(data), dict(options or {}), max_train)))
+            # A fresh process per model; one killed (e.g. out of memory) becomes an error row, not a hang.
+            with ProcessPoolExecutor(1, mp_context=context) as pool:
+                try:
+                    results.append(pool.submit(_benchmark_one, name, str(data), dict(options or {}),
+                                               max_train).result())
+                except BrokenProcessPool:
+                    results.append({"model": name, "error": "the process died (out of memory or killed)"})
         write_json(out / "benchmark.json", {**setup, "results": results + [
             r for n, r in done.items() if n not in {x["model"] for x in results}]})
     columns = ["model", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_s", "predict_images_per_s",

@@ -114,3 +114,59 @@ def test_unfitted_model_refuses_to_predict():
     model = detect.create("padim", image_size=64)
     with pytest.raises(detect.base.InputError, match="not fitted"):
         model.predict([np.zeros((64, 64, 3), np.uint8)])
+
+
+def test_every_model_package_imports():
+    # Discovery tolerates a broken model package (the others stay usable); the shipped tree has none.
+    from detect import registry
+
+    registry.list_models()
+    assert registry._IMPORT_ERRORS == {}
+
+
+def test_broken_model_package_is_reported_not_fatal(monkeypatch):
+    from detect import registry
+
+    monkeypatch.setitem(registry._IMPORT_ERRORS, "brokenmodel", "ModuleNotFoundError: No module named 'open_clip'")
+    assert "padim" in registry.list_models()
+    with pytest.raises(detect.base.InputError, match="could not be imported.*open_clip"):
+        registry.get_model_class("brokenmodel")
+
+
+def test_anomalies_refused_by_unsupervised_models(brick_set):
+    with pytest.raises(detect.base.InputError, match="normal images only"):
+        detect.create("padim", image_size=64).fit(brick_set, anomalies=brick_set, progress=False)
+
+
+def test_resolve_anomalies_forms(brick_set):
+    from detect.base import AnomalySamples, resolve_anomalies
+
+    from_set = resolve_anomalies(brick_set)
+    assert len(from_set) == 16 and from_set.source == "synthetic"  # planted by synth.toyset (manifest generator)
+    image, mask = from_set.load(0)
+    assert mask is not None and mask.shape == image.shape[:2] and mask.any()
+    pairs = resolve_anomalies([(np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8))])
+    assert pairs.masks[0].dtype == bool
+    bad = AnomalySamples([np.zeros((8, 8, 3), np.uint8)], [np.ones((4, 4), bool)])
+    with pytest.raises(detect.base.InputError, match="mask"):
+        bad.load(0)
+    with pytest.raises(detect.base.InputError, match="no anomalous samples"):
+        resolve_anomalies([])
+
+
+def test_benchmark_resumes_and_reports_failures(brick_set, tmp_path, monkeypatch):
+    from detect import runner
+
+    out = tmp_path / "bench"
+    options = {"image_size": 64}
+    benchmark_one = runner._benchmark_one
+    runner.benchmark(["dfm"], brick_set.root, out, options=options, progress=False)
+    first = json.loads((out / "benchmark.json").read_text())["results"][0]
+    assert "error" not in first, first
+    # A rerun with the same setup reuses the finished row instead of refitting.
+    monkeypatch.setattr(runner, "_benchmark_one", lambda *a: pytest.fail("refit a finished model"))
+    runner.benchmark(["dfm"], brick_set.root, out, options=options, progress=False)
+    assert json.loads((out / "benchmark.json").read_text())["results"][0] == first
+    # A model that fails gets its error in the table; the run goes on.
+    row = benchmark_one("padim", str(brick_set.root), {"image_size": 64, "n_features": -1}, None)
+    assert "error" in row and "n_features" in row["error"]

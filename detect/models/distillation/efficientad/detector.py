@@ -123,10 +123,6 @@ class EfficientAdConfig(DetectorConfig, BackboneConfig, TrainingConfig):
         check_training_config(self)
         self.check(self.image_size >= 64, "image_size", ">= 64 for EfficientAD (33x33 PDN patches)")
         self.check(self.model_size in MODEL_SIZES, "model_size", f"one of {MODEL_SIZES}")
-        self.check(isinstance(self.layers, (list, tuple)) and len(self.layers) > 0
-                   and all(isinstance(i, int) and i >= 0 for i in self.layers)
-                   and list(self.layers) == sorted(set(self.layers)), "layers",
-                   "a non-empty ascending list of distinct feature indices")
         self.check(self.distillation_images is None or (isinstance(self.distillation_images, str)
                                                         and bool(self.distillation_images)),
                    "distillation_images", "None or an image folder path")
