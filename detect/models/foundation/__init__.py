@@ -1,0 +1,1 @@
+"""Foundation-model detectors (CLIP, vision-language models)."""

@@ -1,0 +1,288 @@
+"""Building the open_clip CLIP model of WinCLIP, without ever hanging on an unreachable model hub.
+
+``clip_model`` is an open_clip model name ("ViT-B-16-plus-240", the paper's) or the path of an open_clip
+model-config JSON (``{"embed_dim": ..., "vision_cfg": {...}, "text_cfg": {...}}``; registered with open_clip
+under the file's stem), e.g. a tiny architecture for tests. ``pretrained`` is
+
+- an open_clip pretrained tag ("laion400m_e31", the paper's weights): taken from the local Hugging Face /
+  open_clip cache when there, otherwise downloaded by open_clip. When the hub cannot be reached (no network,
+  or ``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE`` set) the load fails at once with one ``InputError`` saying how
+  to pass a local file, instead of huggingface_hub's retries (about a minute per file);
+- a local checkpoint file (``open_clip_pytorch_model.bin``, ``.safetensors``, ``.pt``): loaded as is;
+- ``None`` / "random" / "none": random initialisation drawn from the seed (tests, and models loaded by
+  ``detect.load`` whose weights file supplies every tensor).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from synth.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = ("random", "none", "")
+# OpenAI CLIP normalisation, open_clip's default (used by the paper's laion400m weights too).
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass
+class LoadedClip:
+    """An open_clip CLIP with what WinCLIP needs around it."""
+
+    name: str
+    model: nn.Module
+    tokenizer: Any
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def is_random(pretrained: str | None) -> bool:
+    """True when ``pretrained`` asks for random initialisation."""
+    return pretrained is None or str(pretrained).strip().lower() in RANDOM_WEIGHTS
+
+
+def resolve_model_name(clip_model: str) -> str:
+    """The open_clip model name of ``clip_model`` (a JSON config file is registered under its stem)."""
+    import open_clip
+
+    if clip_model.lower().endswith(".json"):
+        path = Path(clip_model).expanduser()
+        if not path.is_file():
+            raise InputError(f"winclip: clip_model {clip_model!r} is not an existing open_clip model-config JSON file.")
+        open_clip.add_model_config(path)
+        return path.stem
+    if ":" in clip_model:  # open_clip schemas ("hf-hub:org/repo", "local-dir:/path") resolve themselves
+        return clip_model
+    if open_clip.get_model_config(clip_model) is None:
+        import difflib
+
+        close = difflib.get_close_matches(clip_model, open_clip.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"winclip: unknown open_clip model {clip_model!r}.{hint} Pass an open_clip model name "
+                         f"(open_clip.list_models()) or the path of a model-config JSON file.")
+    return clip_model
+
+
+def tag_config(name: str, pretrained: str | None) -> dict[str, Any] | None:
+    """open_clip's table entry of a pretrained tag (offline; None for random weights, files and unknown tags)."""
+    from open_clip.pretrained import get_pretrained_cfg
+
+    if is_random(pretrained) or ":" in name or Path(str(pretrained)).expanduser().is_file():
+        return None
+    return get_pretrained_cfg(name, str(pretrained)) or None
+
+
+def _weight_file_names(filename: str) -> list[str]:
+    """open_clip tries a .safetensors twin of a hub weights file before the file itself."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def _hub_route(cfg: dict[str, Any]) -> tuple[str, str] | None:
+    """(model_id, filename) when open_clip would download ``cfg`` from the Hugging Face hub."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    if cfg.get("hf_hub") and has_hf_hub():
+        model_id, filename = os.path.split(cfg["hf_hub"])
+        return model_id, filename or HF_WEIGHTS_NAME
+    return None
+
+
+def cached_checkpoint(cfg: dict[str, Any]) -> str | None:
+    """The local file of a pretrained tag when it is already cached (never touches the network)."""
+    if cfg.get("file") and os.path.isfile(cfg["file"]):
+        return str(cfg["file"])
+    route = _hub_route(cfg)
+    if route is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = route
+        for candidate in _weight_file_names(filename):
+            path = try_to_load_from_cache(model_id, candidate)
+            if isinstance(path, str) and os.path.isfile(path):
+                return path
+    elif cfg.get("url"):
+        target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        if target.is_file():
+            return str(target)
+    return None
+
+
+def offline_requested() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value."""
+    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
+               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """One TCP connection attempt to the download host (or the HTTPS proxy): seconds, not minutes of retries."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    target = urlparse(proxy if proxy else url)
+    host = target.hostname
+    if not host:
+        return False
+    port = target.port or (443 if target.scheme in ("https", "") else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_url(cfg: dict[str, Any]) -> str:
+    route = _hub_route(cfg)
+    if route is not None:
+        from huggingface_hub import constants
+
+        return str(constants.ENDPOINT)
+    return str(cfg.get("url", ""))
+
+
+def _offline_error(name: str, pretrained: str, reason: str) -> InputError:
+    return InputError(
+        f"winclip: cannot load the CLIP weights of model {name!r} with pretrained tag {pretrained!r}: {reason}. "
+        f"Download them once where there is internet (open_clip.create_model({name!r}, pretrained={pretrained!r}) "
+        f"puts them in the Hugging Face cache), or pass a local open_clip checkpoint file: "
+        f"`--set pretrained=/path/open_clip_pytorch_model.bin` (Python: pretrained='/path/...').")
+
+
+def resolve_checkpoint(name: str, pretrained: str) -> str:
+    """What to hand open_clip as ``pretrained``: a local file whenever possible, the tag only when downloadable."""
+    import open_clip
+
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return str(path)
+    cfg = tag_config(name, pretrained)
+    if cfg is None:
+        if os.sep in pretrained or path.suffix in (".bin", ".pt", ".pth", ".safetensors", ".npz"):
+            raise InputError(f"winclip: pretrained checkpoint file {pretrained!r} does not exist.")
+        tags = open_clip.list_pretrained_tags_by_model(name) if ":" not in name else []
+        raise InputError(f"winclip: {pretrained!r} is neither a pretrained tag of {name!r} (known tags: "
+                         f"{', '.join(tags) or 'none'}) nor an existing checkpoint file; pass one of the tags, a "
+                         f"file path, or pretrained=random.")
+    cached = cached_checkpoint(cfg)
+    if cached is not None:
+        return cached
+    if offline_requested():
+        raise _offline_error(name, pretrained, "they are not in the local cache and HF_HUB_OFFLINE / "
+                                               "TRANSFORMERS_OFFLINE forbids downloads")
+    url = _download_url(cfg)
+    if not hub_reachable(url):
+        raise _offline_error(name, pretrained, f"they are not in the local cache and {urlparse(url).hostname or url} "
+                                               f"cannot be reached (offline?)")
+    return pretrained
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_tokenizer(name: str, config_key: str) -> Any:
+    """open_clip tokenizer (reading the BPE vocabulary takes a second); ``config_key`` keeps a re-registered
+    JSON config with other text settings from reusing a stale tokenizer."""
+    import open_clip
+
+    del config_key
+    return open_clip.get_tokenizer(name)
+
+
+def get_tokenizer(name: str) -> Any:
+    """The tokenizer of open_clip model ``name`` (cached per model config)."""
+    import open_clip
+
+    config = open_clip.get_model_config(name) if ":" not in name else None
+    return _cached_tokenizer(name, json.dumps(config, sort_keys=True, default=str))
+
+
+def check_hub_schema(name: str) -> None:
+    """An "hf-hub:org/repo" model needs its open_clip config from the hub or its cache: fail at once offline."""
+    if not name.startswith("hf-hub:"):
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from open_clip.constants import HF_CONFIG_NAME
+
+    repo = name.split(":", 1)[1]
+    if isinstance(try_to_load_from_cache(repo, HF_CONFIG_NAME), str):
+        return
+    if offline_requested() or not hub_reachable(str(constants.ENDPOINT)):
+        raise InputError(f"winclip: open_clip model {name!r} is not in the local Hugging Face cache and the hub "
+                         f"cannot be reached (offline?). Download it once where there is internet, or pass a local "
+                         f"copy: `--set clip_model=local-dir:/path` (a folder with open_clip_config.json and the "
+                         f"weights), or a built-in model name with "
+                         f"`--set pretrained=/path/open_clip_pytorch_model.bin`.")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """open_clip warns on the root logger about random weights; expected here (tests, detect.load)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    root = logging.getLogger()
+    quiet = _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: bool = False) -> LoadedClip:
+    """Build the CLIP model: weights from ``pretrained`` (see the module docstring), random ones seeded by ``seed``.
+
+    ``loading``: built for ``detect.load``, whose weights file replaces every tensor, so the pretrained weights
+    are not looked up (a saved model loads offline); the architecture is the same.
+    """
+    import open_clip
+
+    name = resolve_model_name(clip_model)
+    cfg = tag_config(name, pretrained)
+    schema = ":" in name  # "hf-hub:" / "local-dir:": open_clip takes config and weights from there
+    if schema:
+        check_hub_schema(name)
+        checkpoint = None
+    else:
+        checkpoint = None if loading or is_random(pretrained) else resolve_checkpoint(name, str(pretrained))
+    # Tags trained with QuickGELU need that activation; taking it from the (offline) tag table makes the
+    # architecture identical whether the weights come from the hub, the cache or a saved detector.
+    quick_gelu = bool(cfg and cfg.get("quick_gelu", False))
+    with torch.random.fork_rng(devices=[]), _quiet_random_init():
+        torch.manual_seed(seed)
+        try:
+            model = open_clip.create_model(name, pretrained=checkpoint, force_quick_gelu=quick_gelu,
+                                           load_weights=not (loading or is_random(pretrained)))
+        except InputError:
+            raise
+        except (RuntimeError, OSError, ValueError, KeyError) as exc:
+            if checkpoint is not None and not Path(checkpoint).is_file():
+                raise _offline_error(name, str(pretrained), f"the download failed ({exc})") from None
+            raise InputError(f"winclip: could not build open_clip model {name!r} with pretrained={pretrained!r}: "
+                             f"{exc}") from None
+    model.eval()
+    preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
+    mean = tuple((cfg or {}).get("mean") or preprocess.get("mean") or OPENAI_MEAN)
+    std = tuple((cfg or {}).get("std") or preprocess.get("std") or OPENAI_STD)
+    return LoadedClip(name, model, get_tokenizer(name), mean, std)  # type: ignore[arg-type]
