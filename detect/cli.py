@@ -82,7 +82,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     from detect.registry import get_model_class, list_models
 
     for name in list_models():
-        print(f"{name:24s} {get_model_class(name).paradigm}")
+        cls = get_model_class(name)
+        extra = "  (also trains on labeled anomalies: --anomalies)" if cls.supports_anomalies else ""
+        print(f"{name:24s} {cls.paradigm}{extra}")
     return 0
 
 
