@@ -1,1 +1,1 @@
-"""Feature-adaptation detectors: a frozen backbone plus a small trained adaptor (CFA)."""
+"""Feature-adaptation detectors: a frozen backbone plus a small trained adaptor (CFA, SuperSimpleNet)."""
