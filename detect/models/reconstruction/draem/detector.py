@@ -50,12 +50,12 @@ import torch.nn.functional as F
 
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput, iter_batches, resize_mask, to_tensor
+from detect.models.components.init import dcgan_init
 from detect.models.components.training import TrainingConfig, check_training_config, train_loop
 from detect.models.reconstruction.draem.torch_model import (
     DraemModel,
     auto_score_window,
     focal_loss,
-    init_weights,
     ssim,
 )
 from detect.registry import register
@@ -176,7 +176,8 @@ class Draem(Detector):
     def _fit(self, images: list[ImageInput], progress: bool) -> None:
         cfg = self.config
         model: DraemModel = self.model
-        init_weights(model, torch.Generator().manual_seed(cfg.seed))
+        # DRAEM's reference initialisation is the DCGAN one (it has no transposed convolutions).
+        dcgan_init(model, torch.Generator().manual_seed(cfg.seed))
         augmenter = self.augmenter()
         real = self._real_anomalies()
 

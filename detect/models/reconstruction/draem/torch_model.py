@@ -125,20 +125,6 @@ class DiscriminativeSubNetwork(nn.Module):
         return self.out(y)
 
 
-def init_weights(module: nn.Module, generator: torch.Generator) -> None:
-    """The reference initialisation, drawn from ``generator``: conv weights N(0, 0.02) (biases left at zero),
-    BatchNorm weights N(1, 0.02) and biases 0, fresh running statistics."""
-    for layer in module.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.normal_(layer.weight, 0.0, 0.02, generator=generator)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.normal_(layer.weight, 1.0, 0.02, generator=generator)
-            nn.init.zeros_(layer.bias)
-            layer.reset_running_stats()
-
-
 def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     """Normalised 2-D Gaussian window (size, size) of SSIM."""
     x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2

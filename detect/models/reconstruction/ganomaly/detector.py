@@ -30,12 +30,12 @@ from torch import nn
 
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput
+from detect.models.components.init import dcgan_init
 from detect.models.components.training import TrainingConfig, check_training_config, train_loop
 from detect.models.reconstruction.ganomaly.torch_model import (
     SCORE_MODES,
     GanomalyDiscriminator,
     GanomalyModel,
-    dcgan_init,
 )
 from detect.registry import register
 

@@ -33,20 +33,6 @@ from detect.models.reconstruction.autoencoder.torch_model import downsampling_pl
 SCORE_MODES = ("latent", "map_max")
 
 
-def dcgan_init(module: nn.Module, generator: torch.Generator | None = None) -> None:
-    """DCGAN / reference initialisation: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0,
-    fresh running statistics; drawn from ``generator`` (reproducible)."""
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(layer.weight, 0.0, 0.02, generator=generator)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-        elif isinstance(layer, nn.BatchNorm2d):
-            nn.init.normal_(layer.weight, 1.0, 0.02, generator=generator)
-            nn.init.zeros_(layer.bias)
-            layer.reset_running_stats()
-
-
 class DcganEncoder(nn.Module):
     """(N, 3, S, S) -> (N, latent_dim, 1, 1); ``features`` is everything before the final convolution."""
 
