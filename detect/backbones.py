@@ -21,9 +21,6 @@ import functools
 import importlib
 import logging
 import os
-import socket
-import threading
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ from timm.models import load_pretrained
 from torch import nn
 
 from synth.errors import ConfigError, InputError, PixelVisionError, WeightsUnavailableError
+from synth.hub import network_reachable, offline_requested
 
 __all__ = [
     "BUNDLED_WEIGHTS",
@@ -48,6 +46,7 @@ __all__ = [
     "freeze",
     "imagenet_normalization",
     "map_state_dict_to_timm",
+    "read_weights_file",
     "resolve_pretrained_weights",
 ]
 
@@ -56,7 +55,6 @@ _logger = logging.getLogger(__name__)
 DEFAULT_BACKBONE = "tf_efficientnet_lite0"
 """The backbone whose ImageNet weights are a package dependency, so it works without any network."""
 
-NETWORK_PROBE_TIMEOUT_S = 3.0
 """Seconds to wait for the weights host to accept a TCP connection before calling the network unavailable.
 
 huggingface_hub retries unreachable hosts with back-off for about a minute per file; probing first turns an
@@ -322,7 +320,7 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
     _check_model_name(name)
     if weights is not None:
         path = Path(weights).expanduser()
-        state_dict = map_state_dict_to_timm(_read_weights_file(path), name, source=f"weights file {path}")
+        state_dict = map_state_dict_to_timm(read_weights_file(path), name, source=f"weights file {path}")
         return _contiguous(state_dict), f"file {path}"
 
     reasons: list[str] = []
@@ -374,7 +372,7 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
     return model.state_dict(), "hub download"
 
 
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a user-supplied weights file; every failure becomes an :class:`InputError` naming the path."""
     if not path.exists():
         raise InputError(f"weights file not found: {path}")
@@ -551,19 +549,9 @@ def _cached_weights_file(cfg: Mapping[str, Any]) -> Path | None:
     return None
 
 
-def _offline_requested() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
-
-
 def _download_possible(cfg: Mapping[str, Any]) -> tuple[bool, str]:
     """Whether timm's download for ``cfg`` can start, and why not."""
-    if _offline_requested():
+    if offline_requested():
         return False, "HF_HUB_OFFLINE is set"
     if cfg.get("hf_hub_id"):
         try:
@@ -573,44 +561,8 @@ def _download_possible(cfg: Mapping[str, Any]) -> tuple[bool, str]:
         else:
             endpoint = constants.ENDPOINT
         if endpoint:
-            return _network_reachable(endpoint)
-    return _network_reachable(cfg["url"])
-
-
-def _network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> tuple[bool, str]:
-    """Try a TCP connection to ``url``'s host (or the configured proxy) within ``timeout`` seconds in total.
-
-    The connection runs in a daemon thread because DNS lookups ignore socket timeouts and can block much
-    longer.
-    """
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    proxies = urllib.request.getproxies()
-    proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if proxy and host and not urllib.request.proxy_bypass(host):
-        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_parts.hostname or "", proxy_parts.port or 8080
-    if not host:
-        return False, f"no host in {url!r}"
-
-    outcome: dict[str, BaseException | None] = {}
-
-    def connect() -> None:
-        try:
-            with socket.create_connection((host, port), timeout=timeout):
-                outcome["error"] = None
-        except OSError as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=connect, name="pixelvision-weights-probe", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if "error" not in outcome:
-        return False, f"no answer from {host}:{port} within {timeout:g} s"
-    if outcome["error"] is not None:
-        return False, f"cannot reach {host}:{port}: {outcome['error']}"
-    return True, ""
+            return network_reachable(endpoint)
+    return network_reachable(cfg["url"])
 
 
 # --------------------------------------------------------------------------------------------------

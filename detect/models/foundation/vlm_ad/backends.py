@@ -262,16 +262,9 @@ def _resolve_device(device: str) -> str:
 
 def _offline_reason() -> str | None:
     """Why the Hugging Face hub cannot be used now (None when a download can be tried)."""
-    from detect.backbones import _network_reachable, _offline_requested
+    from synth.hub import hub_unavailable_reason
 
-    if _offline_requested():
-        return "HF_HUB_OFFLINE is set"
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return "huggingface_hub is not installed"
-    ok, reason = _network_reachable(constants.ENDPOINT)
-    return None if ok else reason
+    return hub_unavailable_reason()
 
 
 def _missing_model_message(model_id: str, reason: str) -> str:

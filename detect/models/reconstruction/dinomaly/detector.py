@@ -38,7 +38,7 @@ import timm
 import torch
 from torch import nn
 
-from detect.backbones import _read_weights_file, imagenet_normalization, resolve_pretrained_weights
+from detect.backbones import imagenet_normalization, read_weights_file, resolve_pretrained_weights
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput
 from detect.models.components.training import TrainingConfig, check_training_config, train_loop
@@ -169,7 +169,7 @@ def fetch_encoder_weights(name: str, weights: str | None) -> tuple[dict[str, tor
     """
     if weights is not None:
         path = Path(weights).expanduser()
-        return _read_weights_file(path), f"weights file {path}"
+        return read_weights_file(path), f"weights file {path}"
     try:
         return resolve_pretrained_weights(name), "timm pretrained weights"
     except WeightsUnavailableError as exc:
