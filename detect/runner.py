@@ -242,12 +242,15 @@ def _fmt(value: Any) -> str:
 
 
 def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
-              max_train: int | None = None, progress: bool = True, resume: bool = True) -> str:
+              model_options: dict[str, dict[str, Any]] | None = None, max_train: int | None = None,
+              progress: bool = True, resume: bool = True) -> str:
     """Fit and evaluate each model in its own process (so peak memory is per model); returns a markdown table.
 
-    Results are written after every model; with ``resume`` a rerun with the same data and options skips the
-    models already measured (an interrupted benchmark continues where it stopped). A model that fails (for
-    example a foundation model whose hub weights are absent offline) gets its error in the table.
+    ``options`` go to every model; ``model_options[name]`` override them for one model (e.g. a CPU epoch
+    budget) and are listed in that model's row. Results are written after every model; with ``resume`` a rerun
+    with the same data and options skips the models already measured (an interrupted benchmark continues where
+    it stopped). A model that fails (for example a foundation model whose hub weights are absent offline) gets
+    its error in the table.
     """
     import json
     import multiprocessing
@@ -270,7 +273,8 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
         except json.JSONDecodeError:
             stored = {}
         if all(stored.get(k) == v for k, v in setup.items()):
-            done = {r["model"]: r for r in stored.get("results", []) if "error" not in r}
+            done = {r["model"]: r for r in stored.get("results", []) if "error" not in r
+                    and r.get("model_options", {}) == (model_options or {}).get(r["model"], {})}
     context = multiprocessing.get_context("spawn")
     results: list[dict[str, Any]] = []
     for name in tqdm(names, desc="detect benchmark", disable=not progress):
@@ -278,22 +282,24 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
             results.append(done[name])
         else:
             # A fresh process per model; one killed (e.g. out of memory) becomes an error row, not a hang.
+            own = dict((model_options or {}).get(name, {}))
             with ProcessPoolExecutor(1, mp_context=context) as pool:
                 try:
-                    results.append(pool.submit(_benchmark_one, name, str(data), dict(options or {}),
-                                               max_train).result())
+                    row = pool.submit(_benchmark_one, name, str(data), {**(options or {}), **own}, max_train).result()
                 except BrokenProcessPool:
-                    results.append({"model": name, "error": "the process died (out of memory or killed)"})
+                    row = {"model": name, "error": "the process died (out of memory or killed)"}
+            results.append({**row, "model_options": own} if own else row)
         write_json(out / "benchmark.json", {**setup, "results": results + [
             r for n, r in done.items() if n not in {x["model"] for x in results}]})
     columns = ["model", "image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_s", "predict_images_per_s",
-               "peak_rss_mb", "train_images"]
+               "peak_rss_mb", "train_images", "load_avg_1min", "options"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | not run: {r['error'].replace('|', '/')} |" + " |" * (len(columns) - 2))
         else:
-            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+            own = ", ".join(f"{k}={v}" for k, v in r.get("model_options", {}).items()) or "defaults"
+            lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns[:-1]) + f" | {own} |")
     table = "\n".join(lines)
     write_json(out / "benchmark.json", {**setup, "results": results})
     write_text(out / "benchmark.md", table + "\n")
