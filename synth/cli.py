@@ -1,8 +1,8 @@
 """``synth``: generate labeled synthetic defect sets.
 
-Subcommands: ``generate`` (model-free generators), ``demo`` (generate on the bundled example images),
-``toyset`` (the small real-texture test set), ``inspect`` (validate and summarise a defect set),
-``export-hf`` (save a defect set as a Hugging Face dataset).
+Subcommands: ``generate`` (model-free and learned generators), ``filter`` (two-stage DINOv2 filter of a
+generated set), ``demo`` (generate on the bundled example images), ``toyset`` (the small real-texture test set),
+``inspect`` (validate and summarise a defect set), ``export-hf`` (save a defect set as a Hugging Face dataset).
 """
 
 from __future__ import annotations
@@ -106,6 +106,55 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+FILTER_KEYS = ("generated", "real_defects", "normals", "out", "embedder", "embedder_path", "stage1_keep",
+               "stage1_ratio", "stage2_keep", "stage2_ratio", "per_class", "k", "batch_size", "image_size",
+               "device", "copy_normals", "strict", "seed")
+
+
+def _add_filter_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config (configs/filter.yaml); flags override it")
+    parser.add_argument("--generated", type=Path, help="generated defect set to filter (from synth generate)")
+    parser.add_argument("--real-defects", type=Path,
+                        help="real defect images: folder (<class>/ subfolders = classes) or MVTec dataset")
+    parser.add_argument("--normals", type=Path,
+                        help="normal images: folder or MVTec dataset (train/good); default: the set's train/good")
+    parser.add_argument("--out", type=Path, help="output folder (the filtered defect set)")
+    parser.add_argument("--embedder", choices=("auto", "dinov2", "lite0"),
+                        help="auto (default): DINOv2 ViT-S/14 if loadable, else the offline EfficientNet-Lite0")
+    parser.add_argument("--embedder-path", help="local DINOv2 folder (or hub id); with --embedder lite0 a weights file")
+    parser.add_argument("--stage1-keep", type=int, help="keep the N candidates closest to the real defects")
+    parser.add_argument("--stage1-ratio", type=float, help="... or this fraction of them (default 0.5)")
+    parser.add_argument("--stage2-keep", type=int, help="of those, keep the N farthest from the normals")
+    parser.add_argument("--stage2-ratio", type=float, help="... or this fraction of them (default 0.5)")
+    parser.add_argument("--per-class", action="store_true", default=None,
+                        help="rank each defect class against the real defects of that class")
+    parser.add_argument("--k", type=int, help="nearest neighbours averaged for the distances (default 5)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--image-size", type=int, help="embedder input side (default 224)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--no-copy-normals", dest="copy_normals", action="store_false", default=None,
+                        help="do not copy the generated set's normal (good) images")
+    parser.add_argument("--strict", action="store_true", default=None,
+                        help="fail on the first unreadable image instead of skipping it")
+    parser.add_argument("--seed", type=int)
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from synth.filter import filter_defect_set, load_filter_config
+    from synth.report import defect_set_report
+
+    cfg = load_filter_config(args.config, {k: getattr(args, k) for k in FILTER_KEYS})
+    report = filter_defect_set(cfg, progress=not args.quiet)
+    html_path = defect_set_report(report.dataset, title="synth filter", config=cfg.model_dump(mode="json"),
+                                  skipped=report.skipped_files)
+    print(f"{report.dataset}")
+    print(f"embedder {report.embedder['name']} ({report.embedder['source']}): {report.candidates} candidates -> "
+          f"{report.stage1_kept} after stage 1 (closest to real) -> {report.kept} kept (farthest from normal)")
+    print(f"wrote {cfg.out}/ (manifest.jsonl with filter scores, {report.scores_path.name}, preview.png, "
+          f"{html_path.name}); {report.normals_copied} normal images copied")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--check", action="store_true", help="decode every image and mask")
     add_common_arguments(ins)
 
+    filt = sub.add_parser("filter", help="keep generated defects close to real ones and far from normals")
+    _add_filter_arguments(filt)
+    add_common_arguments(filt)
+
     hf = sub.add_parser("export-hf", help="save a defect set as a Hugging Face dataset (save_to_disk)")
     hf.add_argument("data", type=Path)
     hf.add_argument("--out", type=Path, required=True)
@@ -146,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, {
         "generate": cmd_generate, "demo": cmd_demo, "toyset": cmd_toyset, "inspect": cmd_inspect,
-        "export-hf": cmd_export_hf,
+        "export-hf": cmd_export_hf, "filter": cmd_filter,
     })
 
 
