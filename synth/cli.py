@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from synth import __version__
 from synth.cli_utils import add_common_arguments, run_cli
 from synth.config import GENERATE_METHODS, GenerateConfig, load_config
+from synth.errors import ConfigError
 
 logger = logging.getLogger("synth")
 
@@ -40,12 +43,17 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail on the first unreadable file instead of skipping it")
     parser.add_argument("--no-copy-normals", dest="copy_normals", action="store_false", default=None,
                         help="do not copy the normal images into train/good")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a method_params entry, YAML value (repeatable): --set controlnet=runs/cn")
 
 
 def _generate_config(args: argparse.Namespace) -> GenerateConfig:
     keys = ("normal", "masks", "defects", "anomaly_source", "method", "blend", "foreground", "defect_class", "n",
             "out", "seed", "strict", "copy_normals")
-    return load_config(GenerateConfig, args.config, {k: getattr(args, k) for k in keys})
+    cfg = load_config(GenerateConfig, args.config, {k: getattr(args, k) for k in keys})
+    if args.set:
+        cfg.method_params = {**cfg.method_params, **_parse_set(args.set)}
+    return cfg
 
 
 def _run_generate(cfg: GenerateConfig, quiet: bool, title: str) -> int:
@@ -155,6 +163,92 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_CONTROLNET_KEYS = ("data", "masks", "defects", "out", "pretrained", "resolution", "train_steps", "batch_size",
+                         "gradient_accumulation_steps", "learning_rate", "mixed_precision", "gradient_checkpointing",
+                         "checkpoint_every", "shots", "seed")
+TRAIN_CSM_KEYS = ("data", "out", "pretrained", "clip_model", "clip_pretrained", "clip_checkpoint", "resolution",
+                  "train_steps", "batch_size", "learning_rate", "mixed_precision", "seed")
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are YAML (``--set num_tokens=8``, ``--set 'class_names={a: b}'``)."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set num_tokens=8.")
+        try:
+            values[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc}).") from None
+    return values
+
+
+def _add_diffusion_training_arguments(parser: argparse.ArgumentParser, config_name: str) -> None:
+    parser.add_argument("--config", type=Path, help=f"YAML config (configs/{config_name}); flags override it")
+    parser.add_argument("--data", type=Path, help="labeled defect set; its defect samples are the training pairs")
+    parser.add_argument("--out", type=Path, help="output folder (weights, checkpoints/, train config)")
+    parser.add_argument("--pretrained", help="SD inpainting model: hub id or local folder in diffusers layout")
+    parser.add_argument("--resolution", type=int, help="training size in pixels (multiple of 8)")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps in total (raise it to continue a run)")
+    parser.add_argument("--batch-size", type=int, help="samples per micro-step and process")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"))
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other config key, YAML value (repeatable)")
+
+
+def _add_train_controlnet_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_diffusion_training_arguments(parser, "train_controlnet.yaml")
+    parser.add_argument("--masks", type=Path, help="instead of --data: real defect masks <class>/<name>.png")
+    parser.add_argument("--defects", type=Path, help="with --masks: the defect images the masks belong to")
+    parser.add_argument("--gradient-accumulation-steps", type=int)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                        help="less GPU memory, ~25 %% more time")
+    parser.add_argument("--checkpoint-every", type=int, help="steps between resumable checkpoints")
+    parser.add_argument("--shots", type=int, help="use only the first N defect samples of each class")
+
+
+def _add_train_csm_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_diffusion_training_arguments(parser, "train_csm.yaml")
+    parser.add_argument("--clip-model", help="open_clip ViT name (default ViT-B-16) or model-config JSON")
+    parser.add_argument("--clip-pretrained", help="open_clip pretrained tag (default laion2b_s34b_b88k)")
+    parser.add_argument("--clip-checkpoint", type=Path, help="local open_clip checkpoint file (offline use)")
+
+
+def _main_process() -> bool:
+    """True in a plain run and on rank 0 under ``accelerate launch`` / torchrun (print once)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def cmd_train_controlnet(args: argparse.Namespace) -> int:
+    from synth.diffusion.controlnet import load_train_config, train_controlnet
+
+    overrides = {k: getattr(args, k) for k in TRAIN_CONTROLNET_KEYS}
+    overrides.update(_parse_set(args.set))
+    cfg = load_train_config(args.config, overrides)
+    path = train_controlnet(cfg, progress=not args.quiet)
+    if _main_process():
+        print(f"wrote {path} (ControlNet weights); generate with configs/generate_controlnet.yaml and "
+              f"method_params.controlnet: {cfg.out}")
+    return 0
+
+
+def cmd_train_csm(args: argparse.Namespace) -> int:
+    from synth.diffusion.train_csm import load_train_config, train_csm
+
+    overrides = {k: getattr(args, k) for k in TRAIN_CSM_KEYS}
+    overrides.update(_parse_set(args.set))
+    out = train_csm(load_train_config(args.config, overrides), progress=not args.quiet)
+    if _main_process():
+        print(f"wrote {out}/csm_adapter.safetensors (+ csm_adapter.json); use it with "
+              f"`synth generate --method csm` and method_params.adapter: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synth", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filter_arguments(filt)
     add_common_arguments(filt)
 
+    tcn = sub.add_parser("train-controlnet", help="train the mask ControlNet for learned defect inpainting "
+                                                  "(GPUs: accelerate launch -m synth.cli train-controlnet ...)")
+    _add_train_controlnet_arguments(tcn)
+    add_common_arguments(tcn)
+
+    tcsm = sub.add_parser("train-csm", help="train the CSM semantic-guidance adapter on a few real defects")
+    _add_train_csm_arguments(tcsm)
+    add_common_arguments(tcsm)
+
     hf = sub.add_parser("export-hf", help="save a defect set as a Hugging Face dataset (save_to_disk)")
     hf.add_argument("data", type=Path)
     hf.add_argument("--out", type=Path, required=True)
@@ -200,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, {
         "generate": cmd_generate, "demo": cmd_demo, "toyset": cmd_toyset, "inspect": cmd_inspect,
         "export-hf": cmd_export_hf, "filter": cmd_filter,
+        "train-controlnet": cmd_train_controlnet, "train-csm": cmd_train_csm,
     })
 
 

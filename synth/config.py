@@ -17,7 +17,7 @@ from synth.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
-GENERATE_METHODS = ("perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste")
+GENERATE_METHODS = ("perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste", "controlnet", "csm")
 
 
 class StrictModel(BaseModel):
@@ -31,7 +31,7 @@ class GenerateConfig(StrictModel):
 
     normal: Path = Field(description="folder of defect-free images")
     out: Path = Field(description="output folder: the labeled defect set")
-    method: Literal["perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste"] = "perlin"
+    method: Literal["perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste", "controlnet", "csm"] = "perlin"
     n: int = Field(100, gt=0, description="number of defect samples to generate")
     seed: int = Field(0, ge=0)
     masks: Path | None = Field(None, description="real defect masks for method 'paste' (<class>/<name>.png)")

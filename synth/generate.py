@@ -116,6 +116,16 @@ def load_exemplars(masks: Path, defects: Path | None, *, strict: bool = False,
 def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> DefectGenerator:
     """The per-image generator for ``cfg.method`` (see ``GenerateConfig``)."""
     params = dict(cfg.method_params)
+    if cfg.method == "controlnet":
+        from synth.diffusion.pipeline_controlnet_inpaint import build_controlnet_generator
+
+        return build_controlnet_generator(params, cfg.masks, cfg.defects, foreground=cfg.foreground,
+                                          strict=cfg.strict, skipped=skipped)
+    if cfg.method == "csm":
+        from synth.diffusion.pipeline_csm import build_csm_generator
+
+        return build_csm_generator(params, cfg.masks, cfg.defects, foreground=cfg.foreground, strict=cfg.strict,
+                                   skipped=skipped)
     if cfg.method == "paste":
         from synth.placement import MaskGuidedPlacer
 

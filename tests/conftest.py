@@ -23,3 +23,12 @@ def magnetic_tile() -> Path:
     if not MAGNETIC_TILE.is_dir():
         pytest.skip("../shared/data/magnetic-tile is absent")
     return MAGNETIC_TILE
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_model(tmp_path_factory) -> Path:
+    """A tiny random Stable Diffusion inpainting model in diffusers' folder layout (loads like a real one)."""
+    pytest.importorskip("diffusers")
+    from synth.diffusion.tiny import write_tiny_inpaint_model
+
+    return write_tiny_inpaint_model(tmp_path_factory.mktemp("tiny_sd_inpaint") / "model", seed=0)

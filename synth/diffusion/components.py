@@ -53,7 +53,8 @@ class InpaintComponents:
 
     def to(self, device: Any, dtype: Any = None) -> InpaintComponents:
         for module in (self.vae, self.unet, self.text_encoder):
-            module.to(device=device, dtype=dtype)
+            # No dtype argument unless asked: diffusers warns about float32-only modules on any dtype.
+            module.to(device) if dtype is None else module.to(device=device, dtype=dtype)
         return self
 
 
