@@ -23,10 +23,10 @@ from synth.diffusion.controlnet import (  # noqa: E402
     controlnet_from_inpaint_unet,
     load_train_config,
     load_training_pairs,
-    read_loss_log,
     train_controlnet,
 )
 from synth.diffusion.pipeline_controlnet_inpaint import build_controlnet_generator  # noqa: E402
+from synth.diffusion.run_state import read_loss_log  # noqa: E402
 from synth.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
 from synth.io import list_images, read_image  # noqa: E402
 

@@ -32,7 +32,8 @@ from synth.diffusion.csm import (  # noqa: E402
     mask_patch_weights,
 )
 from synth.diffusion.pipeline_csm import build_csm_generator  # noqa: E402
-from synth.diffusion.train_csm import load_train_config, read_loss_log, train_csm  # noqa: E402
+from synth.diffusion.run_state import read_loss_log  # noqa: E402
+from synth.diffusion.train_csm import load_train_config, train_csm  # noqa: E402
 from synth.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
 from synth.io import list_images, read_image  # noqa: E402
 

@@ -54,8 +54,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -66,8 +64,21 @@ from pydantic import Field, field_validator, model_validator
 
 from synth.config import StrictModel, load_config
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
+from synth.diffusion.run_state import (
+    CHECKPOINTS_DIR,
+    CONFIG_RECORD,
+    LOSS_LOG,
+    STATE_RECORD,
+    check_same_settings,
+    checkpoint_steps,
+    quiet_accelerate,
+    replace_dir,
+    resume_step,
+    stream_seed,
+    truncate_log,
+)
 from synth.errors import InputError
-from synth.io import read_json_if_exists, write_json, write_text
+from synth.io import read_json_if_exists, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -75,12 +86,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 CONTROLNET_DIR = "controlnet"
-CHECKPOINTS_DIR = "checkpoints"
-CONFIG_RECORD = "train_config.json"
-STATE_RECORD = "train_state.json"
-LOSS_LOG = "train_log.jsonl"
 # Settings that may change between runs into the same folder: where it goes, how long, how often to checkpoint.
-RESUMABLE_KEYS = ("out", "train_steps", "checkpoint_every", "keep_checkpoints")
 DEFAULT_PROMPT_TEMPLATE = "a photo of a {defect}"
 
 
@@ -357,10 +363,6 @@ def encode_prompts(prompts: list[str], tokenizer: Any, text_encoder: Any, device
         return text_encoder(tokens.input_ids.to(device))[0]
 
 
-def _stream_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint32)[0])
-
-
 # --------------------------------------------------------------------------------------------------
 # run bookkeeping
 # --------------------------------------------------------------------------------------------------
@@ -368,84 +370,6 @@ def _stream_seed(*parts: int) -> int:
 
 def _config_record(cfg: ControlNetTrainConfig) -> dict[str, Any]:
     return cfg.model_dump(mode="json")
-
-
-def _check_same_settings(out: Path, record: dict[str, Any]) -> None:
-    previous = read_json_if_exists(out / CONFIG_RECORD)
-    if previous is None:
-        return
-    if not isinstance(previous, dict):
-        raise InputError(f"{out / CONFIG_RECORD}: not a training record; use a new out folder.")
-    changed = sorted(k for k in set(previous) | set(record)
-                     if k not in RESUMABLE_KEYS and previous.get(k) != record.get(k))
-    if changed:
-        raise InputError(f"{out}: holds a ControlNet trained with other settings ({', '.join(changed)}); use a new "
-                         f"out folder, or delete this one to start over (only train_steps, checkpoint_every and "
-                         f"keep_checkpoints may change between runs).")
-
-
-def _checkpoint_steps(out: Path) -> list[int]:
-    folder = out / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    steps = []
-    for path in folder.iterdir():
-        if path.is_dir() and path.name.startswith("step_") and path.name[5:].isdigit():
-            steps.append(int(path.name[5:]))
-    return sorted(steps)
-
-
-def _resume_step(out: Path, train_steps: int) -> int:
-    steps = _checkpoint_steps(out)
-    if steps and steps[-1] > train_steps:
-        raise InputError(f"{out}: its newest checkpoint is step {steps[-1]}, beyond train_steps={train_steps}; "
-                         f"raise train_steps to at least {steps[-1]} or use a new out folder.")
-    return steps[-1] if steps else 0
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop loss rows past ``step`` (logged after the checkpoint a resume restarts from)."""
-    if not path.exists():
-        return
-    import json
-
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            keep.append(line + "\n")
-    write_text(path, "".join(keep))
-
-
-def read_loss_log(out: str | Path) -> list[dict[str, float]]:
-    """Rows ``{"step": n, "loss": x}`` of a training run's train_log.jsonl."""
-    import json
-
-    path = Path(out) / LOSS_LOG
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-@contextmanager
-def _quiet_accelerate() -> Iterator[None]:
-    """accelerate logs every file of a checkpoint at INFO level, which garbles the progress bar."""
-    log = logging.getLogger("accelerate")
-    level = log.level
-    log.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -479,7 +403,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
     out = Path(cfg.out)
     final_dir = out / CONTROLNET_DIR
     record = _config_record(cfg)
-    _check_same_settings(out, record)
+    check_same_settings(out, record, "a ControlNet")
     state = read_json_if_exists(out / STATE_RECORD)
     if isinstance(state, dict) and (final_dir / "config.json").exists():
         done = int(state.get("completed_steps", 0))
@@ -489,7 +413,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
         if done > cfg.train_steps:
             raise InputError(f"{out}: holds a ControlNet trained for {done} steps, more than train_steps="
                              f"{cfg.train_steps}; raise train_steps or use a new out folder.")
-    start_step = _resume_step(out, cfg.train_steps)
+    start_step = resume_step(out, cfg.train_steps)
     pairs = load_training_pairs(cfg)
 
     try:
@@ -536,13 +460,13 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
 
     if start_step:
-        with _quiet_accelerate():
+        with quiet_accelerate():
             accelerator.load_state(str(out / CHECKPOINTS_DIR / f"step_{start_step}"))
         logger.info("resumed from %s", out / CHECKPOINTS_DIR / f"step_{start_step}")
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_RECORD, record)
-        _truncate_log(out / LOSS_LOG, start_step)
+        truncate_log(out / LOSS_LOG, start_step)
     accelerator.wait_for_everyone()
 
     # The text encoder is frozen: embed every class prompt (and the empty prompt) once.
@@ -570,7 +494,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
         }
 
     def loss_of(batch: dict[str, torch.Tensor], micro_step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(_stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
         pixels = batch["pixels"].to(weight_dtype)
         latent_mask = latent_region(batch["touched"], vsf)
         masked = pixels * (1.0 - pixel_region(latent_mask, vsf).to(weight_dtype))
@@ -600,13 +524,13 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
             if tmp.exists():
                 shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
-        with _quiet_accelerate():
+        with quiet_accelerate():
             accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if main:
             # Rename only complete checkpoints, so a kill mid-save never leaves a step_N to resume from.
-            _replace_dir(tmp, folder / f"step_{step}")
-            for old in _checkpoint_steps(out)[:-cfg.keep_checkpoints]:
+            replace_dir(tmp, folder / f"step_{step}")
+            for old in checkpoint_steps(out)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
         accelerator.wait_for_everyone()
 
@@ -647,7 +571,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
         accelerator.unwrap_model(controlnet).save_pretrained(str(tmp), safe_serialization=True)
-        _replace_dir(tmp, final_dir)
+        replace_dir(tmp, final_dir)
         write_json(out / STATE_RECORD, {"completed_steps": cfg.train_steps})
     accelerator.wait_for_everyone()
     accelerator.end_training()

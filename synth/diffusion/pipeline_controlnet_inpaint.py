@@ -38,7 +38,6 @@ from pydantic import Field, field_validator
 from synth.config import StrictModel, validate_config
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
 from synth.diffusion.controlnet import (
-    CONFIG_RECORD,
     CONTROLNET_DIR,
     DEFAULT_PROMPT_TEMPLATE,
     check_prompt_template,
@@ -46,6 +45,7 @@ from synth.diffusion.controlnet import (
     resize_image,
     resize_mask,
 )
+from synth.diffusion.run_state import CONFIG_RECORD
 from synth.errors import InputError
 from synth.io import read_json_if_exists
 

@@ -53,8 +53,19 @@ from synth.diffusion.controlnet import (
     check_prompt_template,
     make_prompt,
 )
+from synth.diffusion.run_state import (
+    CHECKPOINTS_DIR,
+    CONFIG_RECORD,
+    LOSS_LOG,
+    STATE_RECORD,
+    check_same_settings,
+    checkpoint_steps,
+    replace_dir,
+    stream_seed,
+    truncate_log,
+)
 from synth.errors import InputError
-from synth.io import read_json_if_exists, write_json, write_text
+from synth.io import read_json_if_exists, write_json
 
 if TYPE_CHECKING:
     import torch
@@ -63,12 +74,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"  # = synth.diffusion.csm.DEFAULT_CLIP_MODEL (kept here: csm imports torch)
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"
-CHECKPOINTS_DIR = "checkpoints"
-CONFIG_RECORD = "train_config.json"
-STATE_RECORD = "train_state.json"
-LOSS_LOG = "train_log.jsonl"
 # Settings that may change between runs into the same folder: where it goes, how long, how often to checkpoint.
-RESUMABLE_KEYS = ("out", "train_steps", "checkpoint_every", "keep_checkpoints")
 
 
 class CSMTrainConfig(StrictModel):
@@ -171,62 +177,6 @@ def masks_to_tensor(masks: list[np.ndarray]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_same_settings(out: Path, record: dict[str, Any]) -> None:
-    previous = read_json_if_exists(out / CONFIG_RECORD)
-    if previous is None:
-        return
-    if not isinstance(previous, dict):
-        raise InputError(f"{out / CONFIG_RECORD}: not a training record; use a new out folder.")
-    changed = sorted(k for k in set(previous) | set(record)
-                     if k not in RESUMABLE_KEYS and previous.get(k) != record.get(k))
-    if changed:
-        raise InputError(f"{out}: holds a CSM adapter trained with other settings ({', '.join(changed)}); use a new "
-                         f"out folder, or delete this one to start over (only {', '.join(RESUMABLE_KEYS[1:])} may "
-                         f"change between runs).")
-
-
-def checkpoint_steps(out: Path) -> list[int]:
-    """Steps of the complete checkpoints ``out/checkpoints/step_N``, ascending."""
-    folder = out / CHECKPOINTS_DIR
-    if not folder.is_dir():
-        return []
-    return sorted(int(p.name[5:]) for p in folder.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop loss rows past ``step`` (logged after the checkpoint a resume restarts from)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
-            keep.append(line + "\n")
-    write_text(path, "".join(keep))
-
-
-def read_loss_log(out: str | Path) -> list[dict[str, float]]:
-    """Rows ``{"step": n, "loss": x}`` of a run's train_log.jsonl."""
-    path = Path(out) / LOSS_LOG
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-
-
-def _stream_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint32)[0])
-
-
 # --------------------------------------------------------------------------------------------------
 # training
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +206,7 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
 
     out = Path(cfg.out)
     record = cfg.model_dump(mode="json")
-    _check_same_settings(out, record)
+    check_same_settings(out, record, "a CSM adapter")
     state = read_json_if_exists(out / STATE_RECORD)
     if isinstance(state, dict) and (out / ADAPTER_WEIGHTS).is_file():
         done = int(state.get("completed_steps", 0))
@@ -317,7 +267,7 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
     if main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_RECORD, record)
-        _truncate_log(out / LOSS_LOG, start_step)
+        truncate_log(out / LOSS_LOG, start_step)
     accelerator.wait_for_everyone()
 
     # Frozen encoders: every class's prompt embedding and CLIP text features once.
@@ -357,7 +307,7 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
         }
 
     def loss_of(batch: dict[str, Any], micro_step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(_stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
+        generator = torch.Generator().manual_seed(stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
         pixels = batch["pixels"].to(weight_dtype)
         latent_mask = latent_region(batch["touched"], vsf)
         masked = pixels * (1.0 - pixel_region(latent_mask, vsf).to(weight_dtype))
@@ -387,7 +337,7 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
         accelerator.wait_for_everyone()
         if main:
             # Rename only complete checkpoints, so a kill mid-save never leaves a step_N to resume from.
-            _replace_dir(tmp, folder / f"step_{step}")
+            replace_dir(tmp, folder / f"step_{step}")
             for old in checkpoint_steps(out)[:-cfg.keep_checkpoints]:
                 shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
         accelerator.wait_for_everyone()
