@@ -1,0 +1,697 @@
+"""``pipelines run CONFIG``: generate -> filter -> fewshot -> classification -> realism -> report, cached by stage.
+
+A pipeline config (:class:`PipelineConfig`, e.g. ``configs/pipeline_toy.yaml``) names the data (an MVTec-layout
+folder), the output folder, a top-level seed and one optional section per stage:
+
+- ``generate``: a ``synth generate`` config without ``normal``/``out`` (the data's ``train/good`` and the stage
+  folder). It makes the shared synthetic set that few-shot detection trains and calibrates with. Default method
+  ``draem``: few-shot detection is evaluated on the data's real test defects, so the shared set must not be made
+  from them; model-free methods (perlin, draem, cutpaste, ...) need none. Method ``paste`` therefore needs
+  explicit ``masks``/``defects`` folders (a warning is logged when they lie inside the data folder).
+- ``filter``: a ``synth filter`` config without ``generated``/``out``; ``real_defects`` defaults to the data.
+- ``fewshot`` / ``classification``: a ``FewShotConfig`` / ``ClassificationConfig`` without ``data``.
+- ``realism``: ``true`` or options (:class:`RealismOptions`): KID and IC-LPIPS of every synthetic set.
+- ``report``: options of the HTML report (:class:`ReportOptions`).
+
+Caching: every stage runs in ``OUT/stages/<stage>-<hash12>``, where the hash covers the stage's own settings,
+a fingerprint of its input folders (file names and sizes), its seed and the hashes of the stages it depends on,
+so a changed ``generate`` section invalidates ``filter``, ``fewshot`` and ``realism`` but not ``classification``.
+A stage's ``done.json`` (its result) is written atomically last; a rerun reuses every stage whose folder holds
+one (the progress line says ``reused``), and a stage killed midway resumes inside the same folder (the
+generators and pipelines cache their finished units). A new few-shot or classification folder starts from a copy
+of the previous folder's ``work/`` (finished cells / classifiers under their own keys), so a changed model option
+refits only that model. ``report.html`` and ``results.json`` are rewritten every run (cheap).
+
+Seeds: each stage gets ``derive_seed(seed, stage)`` unless its section sets ``seed`` itself; both are recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from synth.config import StrictModel, read_yaml, validate_config
+from synth.errors import ConfigError, InputError
+from synth.io import read_json_if_exists, write_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "STAGES",
+    "STAGE_FUNCTIONS",
+    "PipelineConfig",
+    "RealismOptions",
+    "ReportOptions",
+    "StageContext",
+    "StagePlan",
+    "derive_seed",
+    "load_pipeline_config",
+    "plan_stages",
+    "run_pipeline",
+]
+
+FORMAT = "pixelvision-pipeline/1"
+DONE_FILE = "done.json"
+STAGES = ("generate", "filter", "fewshot", "classification", "realism", "report")
+DEFAULT_GENERATE_METHOD = "draem"
+# Keys of a section that the runner fills in itself (a user value would silently fight the runner's layout).
+RUNNER_KEYS = {
+    "generate": ("normal", "out"),
+    "filter": ("generated", "out"),
+    "fewshot": ("data",),  # and synthetic_set, unless the section sets it (see _fewshot_wants_shared)
+    "classification": ("data",),
+}
+
+
+class RealismOptions(StrictModel):
+    """Settings of the realism stage (``pipelines.realism.realism_metrics``)."""
+
+    max_images: int = Field(200, ge=2, description="most images per side (seeded subsample); bounds CPU time")
+    image_size: int = Field(224, ge=32, le=1024)
+    backbone: str = "tf_efficientnet_lite0"
+    crop_to_mask: bool = Field(True, description="compare defect crops instead of whole images")
+    kid_subsets: int = Field(100, gt=0)
+    kid_subset_size: int = Field(1000, gt=1)
+    ic_lpips_max_pairs: int = Field(1000, gt=0)
+    seed: int | None = Field(None, ge=0, description="default: derived from the top-level seed")
+
+
+class ReportOptions(StrictModel):
+    """Settings of ``report.html``."""
+
+    samples: int = Field(8, ge=0, le=64, description="generated defects shown per synthetic set")
+    title: str | None = None
+
+
+class PipelineConfig(StrictModel):
+    """One pipeline run (see the module docstring); sections left out (or null) are not run."""
+
+    name: str = Field("pipeline", min_length=1)
+    seed: int = Field(0, ge=0)
+    data: Path = Field(description="MVTec-layout folder: train/good, test/<class>, ground_truth/<class>")
+    out: Path = Field(description="output folder: stages/, report.html, results.json")
+    generate: dict[str, Any] | None = None
+    filter: dict[str, Any] | None = None
+    fewshot: dict[str, Any] | None = None
+    classification: dict[str, Any] | None = None
+    realism: RealismOptions | None = Field(None, description="true or options: measure every synthetic set")
+    report: ReportOptions = Field(default_factory=ReportOptions)
+
+    @field_validator("realism", mode="before")
+    @classmethod
+    def _realism_switch(cls, value: Any) -> Any:
+        # ``realism: true`` means the default options; ``false`` switches the stage off.
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+
+# --------------------------------------------------------------------------------------------------
+# config loading and per-section validation
+# --------------------------------------------------------------------------------------------------
+
+def derive_seed(seed: int, stage: str) -> int:
+    """A stage's seed from the top-level seed: independent per stage name, stable when stages are added."""
+    state = np.random.SeedSequence([int(seed), zlib.crc32(stage.encode())]).generate_state(1, dtype=np.uint32)
+    return int(state[0]) % 2**31
+
+
+def _section_error(source: str, section: str, exc: ValidationError) -> ConfigError:
+    lines = []
+    for err in exc.errors():
+        key = ".".join([section, *(str(p) for p in err["loc"])])
+        got = err.get("input")
+        got_text = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: key '{key}': {err['msg']}{got_text}")
+    return ConfigError("\n".join(lines))
+
+
+def _validate_section(model: type[BaseModel], data: dict[str, Any], *, source: str, section: str) -> BaseModel:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _section_error(source, section, exc) from None
+
+
+def _section_models() -> dict[str, Callable[[], type[BaseModel]]]:
+    """Config class of each section, imported lazily (the pipelines pull in torch and timm)."""
+
+    def generate() -> type[BaseModel]:
+        from synth.config import GenerateConfig
+        return GenerateConfig
+
+    def filter_() -> type[BaseModel]:
+        from synth.filter import FilterConfig
+        return FilterConfig
+
+    def fewshot() -> type[BaseModel]:
+        from pipelines.fewshot import FewShotConfig
+        return FewShotConfig
+
+    def classification() -> type[BaseModel]:
+        from pipelines.classification import ClassificationConfig
+        return ClassificationConfig
+
+    return {"generate": generate, "filter": filter_, "fewshot": fewshot, "classification": classification}
+
+
+@dataclass
+class LoadedConfig:
+    """A validated pipeline config, the typed config of each enabled section and the file it came from."""
+
+    config: PipelineConfig
+    sections: dict[str, BaseModel]
+    seeds: dict[str, dict[str, Any]]
+    source: str
+    text: str | None = None
+
+
+PLACEHOLDER = Path("__pipeline_stage__")
+
+
+def _section_input(cfg: PipelineConfig, stage: str, seed: int) -> dict[str, Any]:
+    """The section dict completed with what the runner owns (paths are placeholders until the stage runs)."""
+    data = dict(getattr(cfg, stage) or {})
+    if stage == "generate":
+        data.setdefault("method", DEFAULT_GENERATE_METHOD)
+        data.update(normal=cfg.data / "train" / "good", out=PLACEHOLDER)
+    elif stage == "filter":
+        data.setdefault("real_defects", cfg.data)
+        data.update(generated=PLACEHOLDER, out=PLACEHOLDER)
+    else:
+        data["data"] = cfg.data
+        if stage == "fewshot" and _fewshot_wants_shared(cfg):
+            data["synthetic_set"] = PLACEHOLDER  # validated as given, so rules about a given set apply
+    data.setdefault("seed", seed)
+    return data
+
+
+def _fewshot_wants_shared(cfg: PipelineConfig) -> bool:
+    """From the raw config: a shared set exists and the few-shot section neither names nor makes its own."""
+    raw = cfg.fewshot or {}
+    modes = raw.get("synthetic", ["threshold"])
+    return (cfg.generate is not None and "synthetic_set" not in raw and raw.get("synthetic_from") != "shots"
+            and isinstance(modes, list) and any(mode != "none" for mode in modes))
+
+
+def _check_sections(cfg: PipelineConfig, source: str) -> tuple[dict[str, BaseModel], dict[str, dict[str, Any]]]:
+    sections: dict[str, BaseModel] = {}
+    seeds: dict[str, dict[str, Any]] = {}
+    models = _section_models()
+    for stage in ("generate", "filter", "fewshot", "classification"):
+        raw = getattr(cfg, stage)
+        if raw is None:
+            continue
+        owned = [k for k in RUNNER_KEYS[stage] if k in raw]
+        if owned:
+            where = "the top-level 'data'" if owned == ["data"] else "the stage folder"
+            raise ConfigError(f"{source}: key '{stage}.{owned[0]}': set by the pipeline ({where}); remove it.")
+        seed = raw.get("seed", derive_seed(cfg.seed, stage))
+        seeds[stage] = {"seed": seed, "from": "config" if "seed" in raw else "derived"}
+        model = models[stage]()
+        if "seed" not in model.model_fields:
+            seeds[stage]["from"] = "unused"
+        data = _section_input(cfg, stage, seed)
+        if "seed" not in model.model_fields:
+            data.pop("seed")
+        sections[stage] = _validate_section(model, data, source=source, section=stage)
+    if "filter" in sections and "generate" not in sections:
+        raise ConfigError(f"{source}: key 'filter': filters the generated set; add a 'generate' section.")
+    gen = sections.get("generate")
+    if gen is not None and getattr(gen, "method", None) == "paste":
+        if gen.masks is None:
+            raise ConfigError(
+                f"{source}: key 'generate.masks': method 'paste' needs real defect masks (<class>/<name>.png) and "
+                f"their images ('generate.defects'). The pipeline does not take them from the data's test split, "
+                f"which few-shot detection is evaluated on; give masks of other images, or use a model-free "
+                f"method (perlin, draem, cutpaste).")
+        if _inside(gen.masks, cfg.data) and "fewshot" in sections:
+            logger.warning("generate.masks lies inside the data folder: few-shot numbers with synthetic anomalies "
+                           "pasted from the evaluation defects are optimistic")
+    if cfg.realism is not None:
+        options = cfg.realism
+        seed = options.seed if options.seed is not None else derive_seed(cfg.seed, "realism")
+        seeds["realism"] = {"seed": seed, "from": "config" if options.seed is not None else "derived"}
+    return sections, seeds
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    a, b = Path(path).resolve(), Path(folder).resolve()
+    return a == b or b in a.parents
+
+
+def load_pipeline_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                         data: dict[str, Any] | None = None) -> LoadedConfig:
+    """Read a pipeline YAML (or take ``data``), apply non-None ``overrides`` and validate every section.
+
+    Raises:
+        ConfigError: naming the file and the key, e.g. ``key 'classification.n_per_class'``.
+    """
+    source = str(path) if path is not None else "arguments"
+    raw = dict(data or {})
+    text = None
+    if path is not None:
+        raw = read_yaml(path)
+        text = Path(path).read_text(encoding="utf-8")
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for key, what in (("data", "the MVTec-layout data folder"), ("out", "the output folder")):
+        if raw.get(key) is None:
+            raise ConfigError(f"{source}: key '{key}': required ({what}; or pass --{key}).")
+    cfg = validate_config(PipelineConfig, raw, source=source)
+    sections, seeds = _check_sections(cfg, source)
+    return LoadedConfig(cfg, sections, seeds, source, text)
+
+
+# --------------------------------------------------------------------------------------------------
+# stage plan and hashing
+# --------------------------------------------------------------------------------------------------
+
+def folder_fingerprint(path: Path | None) -> str | None:
+    """Hash of the file names and sizes under ``path``: changed input data changes the stage hashes.
+
+    Sizes, not contents or times: cheap for thousands of files, and a copied dataset keeps its hashes.
+    """
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_file():
+        return f"file:{path.stat().st_size}"
+    if not path.is_dir():
+        return "missing"
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    for item in files:
+        digest.update(f"{item.relative_to(path).as_posix()}\0{item.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StagePlan:
+    """One enabled stage: what its hash covers, the stages it depends on, and where it runs."""
+
+    name: str
+    index: int
+    config: dict[str, Any]
+    deps: dict[str, str]
+    seed: int | None
+    hash: str
+    dir: Path
+
+
+def _input_paths(stage: str, section: BaseModel | None, cfg: PipelineConfig) -> dict[str, Path | None]:
+    if stage == "generate":
+        assert section is not None
+        return {"normal": section.normal, "masks": section.masks, "defects": section.defects,
+                "anomaly_source": section.anomaly_source}
+    if stage == "filter":
+        assert section is not None
+        return {"real_defects": section.real_defects, "normals": section.normals}
+    return {"data": cfg.data}
+
+
+def _stage_config(stage: str, loaded: LoadedConfig) -> dict[str, Any]:
+    cfg = loaded.config
+    section = loaded.sections.get(stage)
+    if section is not None:
+        settings = section.model_dump(mode="json")
+        for key in (*RUNNER_KEYS[stage], "generated"):
+            settings.pop(key, None)
+        if settings.get("synthetic_set") == str(PLACEHOLDER):
+            settings["synthetic_set"] = None  # the shared set: covered by the dependency's hash
+    elif stage == "realism" and cfg.realism is not None:
+        settings = cfg.realism.model_dump(mode="json")
+    else:
+        settings = {}
+    inputs = _input_paths(stage, section, cfg)
+    return {"settings": settings,
+            "inputs": {k: None if v is None else {"path": str(Path(v).resolve()), "files": folder_fingerprint(v)}
+                       for k, v in inputs.items()}}
+
+
+def fewshot_uses_shared_set(loaded: LoadedConfig) -> bool:
+    """Whether the runner hands the shared (generated or filtered) set to the few-shot stage.
+
+    Not when the few-shot section names its own ``synthetic_set`` (even null), makes one set per shot subset
+    (``synthetic_from: shots``) or compares no synthetic mode.
+    """
+    return "fewshot" in loaded.sections and "generate" in loaded.sections and _fewshot_wants_shared(loaded.config)
+
+
+def fewshot_makes_own_set(loaded: LoadedConfig) -> bool:
+    """Whether the few-shot stage generates one synthetic set of its own (shown in the report, measured)."""
+    section = loaded.sections.get("fewshot")
+    if section is None or fewshot_uses_shared_set(loaded):
+        return False
+    return (getattr(section, "synthetic_set", None) is None and getattr(section, "synthetic_from", "pool") == "pool"
+            and any(mode != "none" for mode in getattr(section, "synthetic", [])))
+
+
+def _dependencies(stage: str, loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    synthetic = "filter" if "filter" in enabled else "generate"
+    realism = [synthetic, "classification"] + (["fewshot"] if fewshot_makes_own_set(loaded) else [])
+    return {
+        "generate": [],
+        "filter": ["generate"],
+        "fewshot": [synthetic] if fewshot_uses_shared_set(loaded) else [],
+        "classification": [],
+        "realism": [s for s in realism if s in enabled],
+    }[stage]
+
+
+def enabled_stages(loaded: LoadedConfig) -> list[str]:
+    """The stages this config runs, in order (``report`` always)."""
+    out = [s for s in ("generate", "filter", "fewshot", "classification") if s in loaded.sections]
+    if loaded.config.realism is not None:
+        out.append("realism")
+    return [*out, "report"]
+
+
+def plan_stages(loaded: LoadedConfig) -> list[StagePlan]:
+    """Hash and folder of every enabled stage but ``report`` (computed from configs alone, nothing runs)."""
+    names = enabled_stages(loaded)
+    enabled = set(names)
+    plans: dict[str, StagePlan] = {}
+    for index, stage in enumerate(names, start=1):
+        if stage == "report":
+            continue
+        deps = {d: plans[d].hash for d in _dependencies(stage, loaded, enabled)}
+        seed = loaded.seeds.get(stage, {}).get("seed")
+        config = _stage_config(stage, loaded)
+        digest = _hash({"format": FORMAT, "stage": stage, "config": config, "seed": seed, "deps": deps})
+        plans[stage] = StagePlan(stage, index, config, deps, seed, digest,
+                                 loaded.config.out / "stages" / f"{stage}-{digest[:12]}")
+    return list(plans.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# stage functions
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageContext:
+    """What a stage function gets: its plan, the loaded config, the results of the stages it depends on."""
+
+    plan: StagePlan
+    loaded: LoadedConfig
+    deps: dict[str, dict[str, Any]]
+    progress: bool = True
+
+    @property
+    def cfg(self) -> PipelineConfig:
+        return self.loaded.config
+
+    @property
+    def section(self) -> Any:
+        return self.loaded.sections.get(self.plan.name)
+
+
+def synthetic_set_of(deps: dict[str, dict[str, Any]]) -> tuple[str, Path] | None:
+    """(label, folder) of the shared synthetic set: the filtered one when the filter ran, else the generated."""
+    for stage in ("filter", "generate"):
+        if stage in deps and deps[stage].get("set"):
+            return f"{stage}:{deps[stage].get('method', '')}".rstrip(":"), Path(deps[stage]["set"])
+    return None
+
+
+def stage_generate(ctx: StageContext) -> dict[str, Any]:
+    from synth.generate import generate
+
+    section = ctx.section.model_copy(update={"out": ctx.plan.dir / "set"})
+    report = generate(section, progress=ctx.progress)
+    dataset = report.dataset
+    anomalous = dataset.select(anomalous=True)
+    return {"set": str((ctx.plan.dir / "set").resolve()), "method": section.method, "n": section.n,
+            "seed": section.seed, "defect_samples": len(anomalous), "defect_classes": dataset.defect_classes,
+            "generated": report.generated, "resumed_from": report.resumed_from,
+            "skipped_files": report.skipped_files}
+
+
+def stage_filter(ctx: StageContext) -> dict[str, Any]:
+    from synth.filter import filter_defect_set
+
+    generated = ctx.deps["generate"]
+    section = ctx.section.model_copy(update={"generated": Path(generated["set"]), "out": ctx.plan.dir / "set"})
+    report = filter_defect_set(section, progress=ctx.progress)
+    return {"set": str((ctx.plan.dir / "set").resolve()), "method": generated.get("method"),
+            "candidates": report.candidates, "stage1_kept": report.stage1_kept, "kept": report.kept,
+            "embedder": report.embedder, "real_defects": str(section.real_defects),
+            "skipped_files": report.skipped_files}
+
+
+def stage_fewshot(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.fewshot import run_fewshot
+
+    section = ctx.section
+    shared = synthetic_set_of(ctx.deps)
+    if shared is not None and fewshot_uses_shared_set(ctx.loaded):
+        # run_fewshot validates its config again, so the copy's new field is checked there.
+        section = section.model_copy(update={"synthetic_set": shared[1]})
+    return run_fewshot(section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
+def stage_classification(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.classification import run_classification
+
+    return run_classification(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
+def _subsample(items: list, limit: int, seed: int) -> list:
+    if len(items) <= limit:
+        return items
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[i] for i in keep]
+
+
+def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
+    """Every synthetic set of a run, by label: the shared (filtered) set, the few-shot stage's own set (when it
+    made one) and the classification sets."""
+    sets: dict[str, Path] = {}
+    shared = synthetic_set_of(results)
+    if shared is not None:
+        sets[shared[0]] = shared[1]
+    own = (results.get("fewshot") or {}).get("synthetic_set")
+    if own and (Path(own) / "manifest.jsonl").is_file() and Path(own) not in sets.values():
+        method = ((results.get("fewshot") or {}).get("config") or {}).get("synthetic_method", "")
+        sets[f"fewshot:{method}".rstrip(":")] = Path(own)
+    for name, path in ((results.get("classification") or {}).get("generated_sets") or {}).items():
+        sets[f"classification:{name}"] = Path(path)
+    return sets
+
+
+def stage_realism(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.realism import realism_metrics
+    from synth.defect_set import read_defect_set
+
+    options = ctx.cfg.realism or RealismOptions()
+    seed = int(ctx.plan.seed or 0)
+    real_set = read_defect_set(ctx.cfg.data)
+    split = (ctx.deps.get("classification") or {}).get("split")
+    if split:
+        # The classification held-out parts: no generated set of this run was made from them.
+        held_out = {path for part in split.values() for path in part.get("test", [])}
+        real = [s for s in real_set.select(split="test", anomalous=True) if s.image in held_out]
+        reference = "classification held-out real defects"
+    else:
+        real = real_set.select(split="test", anomalous=True)
+        reference = "all real test defects"
+    if len(real) < 2:
+        raise InputError(f"{ctx.cfg.data}: realism needs at least 2 real defect images, found {len(real)}.")
+    real = _subsample(real, options.max_images, seed)
+    results: dict[str, Any] = {}
+    for label, folder in realism_sets(ctx.deps).items():
+        cache = ctx.plan.dir / "sets" / f"{label.replace(':', '_')}.json"
+        cached = read_json_if_exists(cache)
+        if isinstance(cached, dict):
+            results[label] = cached
+            continue
+        generated_set = read_defect_set(folder)
+        generated = _subsample(generated_set.select(anomalous=True), options.max_images, seed + 1)
+        if len(generated) < 2:
+            logger.warning("%s: fewer than 2 generated defects; realism skipped", folder)
+            results[label] = {"skipped": "fewer than 2 generated defects"}
+            continue
+        masks = options.crop_to_mask
+        metrics = realism_metrics(
+            [real_set.image_path(s) for s in real], [generated_set.image_path(s) for s in generated],
+            masks_real=[real_set.mask_path(s) for s in real] if masks else None,
+            masks_generated=[generated_set.mask_path(s) for s in generated] if masks else None,
+            backbone=options.backbone, image_size=options.image_size, seed=seed, progress=ctx.progress,
+            crop_to_mask=masks, kid_subsets=options.kid_subsets, kid_subset_size=options.kid_subset_size,
+            ic_lpips_max_pairs=options.ic_lpips_max_pairs)
+        metrics["set"] = str(folder)
+        write_json(cache, metrics)
+        results[label] = metrics
+    return {"reference": reference, "n_real_available": len(real), "options": options.model_dump(mode="json"),
+            "seed": seed, "sets": results}
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
+    "generate": stage_generate,
+    "filter": stage_filter,
+    "fewshot": stage_fewshot,
+    "classification": stage_classification,
+    "realism": stage_realism,
+}
+"""Looked up at run time, so tests (and extensions) can swap a stage."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the runner
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class StageOutcome:
+    status: str  # "ran" | "reused"
+    elapsed_s: float
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_done(plan: StagePlan) -> dict[str, Any] | None:
+    try:
+        done = read_json_if_exists(plan.dir / DONE_FILE)
+    except InputError:
+        logger.warning("%s: unreadable; rerunning the stage", plan.dir / DONE_FILE)
+        return None
+    if isinstance(done, dict) and done.get("hash") == plan.hash and done.get("stage") == plan.name:
+        return done
+    return None
+
+
+# Stages whose pipeline caches finished units under ``work/`` by their own keys (few-shot cells, classifiers):
+# a new stage folder starts from a copy of the latest sibling's ``work/``, so a changed section recomputes only
+# the units it affects. A copy, not links: the pipelines append to manifests in place.
+WARM_STAGES = ("fewshot", "classification")
+
+
+def warm_start(plan: StagePlan) -> Path | None:
+    """Copy ``work/`` of the most recently changed other folder of this stage into a fresh stage folder."""
+    work = plan.dir / "work"
+    if plan.name not in WARM_STAGES or work.exists():
+        return None
+    siblings = [p for p in plan.dir.parent.glob(f"{plan.name}-*") if p != plan.dir and (p / "work").is_dir()]
+    if not siblings:
+        return None
+    source = max(siblings, key=lambda p: ((p / DONE_FILE).exists(), (p / "work").stat().st_mtime_ns))
+    staging = plan.dir / ".work.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(source / "work", staging, ignore=shutil.ignore_patterns(".*.tmp"))
+        staging.rename(work)
+    except OSError as exc:  # a warm start is an optimisation: fall back to a cold one
+        logger.warning("could not copy %s (%s); starting %s from scratch", source / "work", exc, plan.name)
+        shutil.rmtree(staging, ignore_errors=True)
+        return None
+    return source
+
+
+def _say(message: str, quiet: bool) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_stage(plan: StagePlan, loaded: LoadedConfig, deps: dict[str, dict[str, Any]], *, total: int,
+              progress: bool = True) -> StageOutcome:
+    """Reuse the stage's ``done.json`` when present, else run it and write ``done.json`` last."""
+    where = os.path.relpath(plan.dir, loaded.config.out)
+    prefix = f"[{plan.index}/{total}] {plan.name}"
+    done = _read_done(plan)
+    if done is not None:
+        _say(f"{prefix}: reused ({where})", not progress)
+        return StageOutcome("reused", float(done.get("elapsed_s", 0.0)), done["result"])
+    _say(f"{prefix}: running ({where})", not progress)
+    plan.dir.mkdir(parents=True, exist_ok=True)
+    seeded = warm_start(plan)
+    if seeded is not None:
+        _say(f"{prefix}: finished units of {os.path.relpath(seeded, loaded.config.out)} copied in; the pipeline "
+             f"reuses those whose keys still match", not progress)
+    started = time.perf_counter()
+    result = STAGE_FUNCTIONS[plan.name](StageContext(plan, loaded, deps, progress))
+    elapsed = round(time.perf_counter() - started, 3)
+    write_json(plan.dir / DONE_FILE, {"format": FORMAT, "stage": plan.name, "hash": plan.hash, "deps": plan.deps,
+                                      "seed": plan.seed, "config": plan.config, "elapsed_s": elapsed,
+                                      "result": result})
+    _say(f"{prefix}: done in {elapsed:.1f} s", not progress)
+    return StageOutcome("ran", elapsed, result)
+
+
+def _effective_sections(loaded: LoadedConfig, plans: dict[str, StagePlan],
+                        results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each section's settings as its stage ran them: defaults filled in, the runner's paths in place."""
+    out = {}
+    for stage, section in loaded.sections.items():
+        settings = section.model_dump(mode="json")
+        if stage in ("generate", "filter"):
+            settings["out"] = str(plans[stage].dir / "set")
+        if stage == "filter":
+            settings["generated"] = (results.get("generate") or {}).get("set")
+        shared = synthetic_set_of(results)
+        if stage == "fewshot" and shared is not None and fewshot_uses_shared_set(loaded):
+            settings["synthetic_set"] = str(shared[1])
+        out[stage] = settings
+    return out
+
+
+def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Run (or reuse) every enabled stage, write ``report.html`` and ``results.json``; returns the result dict.
+
+    The returned dict is what ``results.json`` holds, plus ``report`` (the path of ``report.html``).
+    """
+    from pipelines.report import write_report
+
+    cfg = loaded.config
+    if not cfg.data.is_dir():
+        raise InputError(f"{cfg.data}: data folder not found; set 'data' to an MVTec-layout folder "
+                         f"(train/good, test/<class>, ground_truth/<class>).")
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    names = enabled_stages(loaded)
+    plans = plan_stages(loaded)
+    results: dict[str, dict[str, Any]] = {}
+    stages: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        deps = {d: results[d] for d in plan.deps}
+        outcome = run_stage(plan, loaded, deps, total=len(names), progress=progress)
+        results[plan.name] = outcome.result
+        stages[plan.name] = {"status": outcome.status, "hash": plan.hash[:12], "dir": str(plan.dir),
+                             "elapsed_s": outcome.elapsed_s, "seed": plan.seed, "deps": sorted(plan.deps)}
+    for stage in STAGES[:-1]:
+        stages.setdefault(stage, {"status": "not run"})
+
+    sets = {label: str(path) for label, path in realism_sets(results).items()}
+    result = {
+        "format": FORMAT,
+        "name": cfg.name,
+        "data": str(cfg.data),
+        "out": str(cfg.out),
+        "config_source": loaded.source,
+        "config_text": loaded.text,
+        "config": cfg.model_dump(mode="json"),
+        "sections": _effective_sections(loaded, {p.name: p for p in plans}, results),
+        "seeds": {"seed": cfg.seed, "stages": loaded.seeds},
+        "stages": stages,
+        "synthetic_sets": sets,
+        "report_options": cfg.report.model_dump(mode="json"),
+        **{stage: results.get(stage) for stage in STAGES[:-1]},
+    }
+    _say(f"[{len(names)}/{len(names)}] report: writing", not progress)
+    path = write_report(result, cfg.out)
+    result["report"] = str(path)
+    return result
