@@ -28,11 +28,23 @@ SIZE = 64
 # Narrow CPU-test networks (defaults are wider); batch 2 gives 7 optimiser steps per epoch on the 13 crops.
 TINY = {"image_size": SIZE, "seed": 0, "batch_size": 2, "embedding_dim": 16, "num_embeddings": 64,
         "num_hiddens": 32, "num_residual_hiddens": 16, "segmentation_width": 8}
-CONFIG = {**TINY, "vq_epochs": 15, "vq_lr": 2e-3, "epochs": 8, "lr": 2e-3, "upsampling_epochs": 2,
-          "upsampling_lr": 2e-3}
-# Stage losses first -> last epoch (measured, seed 0): VQ-VAE 0.22 -> 0.011, object branch 2.36 -> 0.33. This
-# budget (about 10 s of training) does not yet give the detection module a useful image AUROC (seeds 0/1/2:
-# 0.20 / 0.54 / 0.66), hence the separate slow learning test below.
+# CPU-sized recipe (about 30 s of training on one thread): 40 + 20 + 20 epochs (280 + 140 + 140 steps); every
+# stage-0 image carries a synth DRAEM anomaly (vq_augment 1, paper: ImageNet pre-training), every stage-1/2
+# image a simulated one (p_anomaly 1, paper 0.5) and feature anomalies draw from all but the nearest 5 % of
+# the codebook (anomaly_strength 1, paper U(0.2, 1)): the paper's 100 epochs x 1000 steps are out of reach, so
+# each step carries the most visible training anomalies.
+CONFIG = {**TINY, "vq_epochs": 40, "vq_lr": 2e-3, "vq_augment": 1.0, "epochs": 20, "lr": 1e-3,
+          "upsampling_epochs": 20, "upsampling_lr": 2e-3, "p_anomaly": 1.0, "anomaly_strength": 1.0}
+# Measured with CONFIG on brick_set, one torch thread (seeds 0 / 1 / 2):
+#   anomaly-map pixel AUROC on the planted defects         0.831 / 0.854 / 0.848
+#   detection module, held-out synthetic feature anomalies  0.637 / 0.621 / 0.685 (pixel AUROC vs. their masks)
+#   image AUROC (not asserted here: it swings with the seed) 0.641 / 0.789 / 0.781
+#   losses first -> last epoch: VQ-VAE 0.22 -> 0.004, object branch 2.3-3.1 -> 0.26-0.27, upsampling 0.07-0.10
+#   -> 0.04. At this budget the object-specific reconstruction is still close to the mean training image (the
+#   subspace restriction modules have not learnt the layouts yet), so the detection module's image score is
+#   noisy; the upsampling module, trained on image-space anomalies with exact masks, already localises.
+MAP_PIXEL_AUROC_BAR = 0.75
+SYNTHETIC_PIXEL_AUROC_BAR = 0.58
 VQ_LOSS_FACTOR = 0.1
 OBJECT_LOSS_FACTOR = 0.3
 # Slow learning test (about 3 minutes of CPU): wider networks, 150 + 150 + 20 epochs at batch size 4.
@@ -51,6 +63,12 @@ def test_split(brick_set):
     paths = [brick_set.image_path(s) for s in samples]
     labels = np.array([s.is_anomalous for s in samples])
     return paths, labels
+
+
+@pytest.fixture(scope="module")
+def test_masks(brick_set):
+    return np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
+                     for s in brick_set.select(split="test")])
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +175,30 @@ def test_training_losses_decrease(fitted):
     assert fitted.vq_history[-1] < VQ_LOSS_FACTOR * fitted.vq_history[0]
     assert fitted.history[-1] < OBJECT_LOSS_FACTOR * fitted.history[0]
     assert fitted.upsampling_history[-1] < fitted.upsampling_history[0]
+
+
+def test_learns_anomaly_maps_on_planted_defects(prediction, test_masks):
+    """The anomaly maps localise real (planted) spots and scratches the model never saw: pixel AUROC >= 0.75,
+    0.25 above chance."""
+    assert auroc(prediction.anomaly_maps, test_masks) >= MAP_PIXEL_AUROC_BAR
+
+
+def test_detection_module_segments_held_out_feature_anomalies(fitted, brick_set):
+    """What stage 1 trains the anomaly detection module to do, on images it never saw: fresh feature-space
+    anomalies (the training simulation, new synth Perlin masks and codebook draws) in the test split's normals
+    are segmented from the object-specific and general reconstructions (pixel AUROC 0.08 above chance)."""
+    good = [brick_set.image_path(s) for s in brick_set.select(split="test") if not s.is_anomalous]
+    images = fitted.load_tensor(good * 3)
+    rng = np.random.default_rng(123)
+    masks = np.stack([synth.masks.perlin_mask((SIZE, SIZE), rng) for _ in range(len(images))])
+    sim = fitted.simulate_feature_anomalies(images, torch.from_numpy(masks[:, None].astype(np.float32)),
+                                            torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        _, _, specific = fitted.model.object_specific(sim["lo_in"], sim["hi_in"])
+        probability = torch.softmax(fitted.model.segment(specific, sim["general"]), dim=1)[:, 1]
+    target = sim["target"][:, 0] > 0
+    assert target.any() and not target.all()
+    assert auroc(probability.numpy(), target.numpy()) >= SYNTHETIC_PIXEL_AUROC_BAR
 
 
 def test_prediction_schema(prediction, test_split):

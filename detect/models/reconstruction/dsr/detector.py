@@ -287,42 +287,48 @@ class Dsr(Detector):
                 masks[i, 0] = perlin_mask((size, size), rng)
         return torch.from_numpy(masks)
 
+    @torch.no_grad()
+    def simulate_feature_anomalies(self, batch: torch.Tensor, mask: torch.Tensor, generator: torch.Generator
+                                   ) -> dict[str, torch.Tensor]:
+        """Stage 1's feature-space anomalies inside the pixel ``mask`` (N, 1, S, S) of the images ``batch``.
+
+        At lo, hi or both levels (authors' scheme), distant codebook entries replace the quantized vectors
+        (``replace_with_distant_codes``, strength ``U(anomaly_strength, 1)`` per image and level). Returns the clean
+        quantized features ``q_lo``/``q_hi``, the altered ones ``lo_in``/``hi_in``, the ``target`` mask (the
+        altered level's feature cells, at image resolution) and the ``general`` reconstruction of the altered
+        features.
+        """
+        vq = self.model.vq
+        low = self.config.anomaly_strength
+        n = batch.shape[0]
+        out = vq.encode(batch)
+        q_lo, q_hi = out["q_lo"], out["q_hi"]
+        m_lo, m_hi = block_mask(mask, q_lo.shape[-1]), block_mask(mask, q_hi.shape[-1])
+        s_lo = low + (1.0 - low) * torch.rand(n, generator=generator)
+        s_hi = low + (1.0 - low) * torch.rand(n, generator=generator)
+        lo_bad = replace_with_distant_codes(out["z_lo"], q_lo, vq.quantizer_lo.codebook, m_lo, s_lo, generator)
+        z_hi_bad, q_hi_bad, _ = vq.hi_from_lo(out["enc_hi"], lo_bad)
+        hi_both = replace_with_distant_codes(z_hi_bad, q_hi_bad, vq.quantizer_hi.codebook, m_hi, s_hi, generator)
+        hi_only = replace_with_distant_codes(out["z_hi"], q_hi, vq.quantizer_hi.codebook, m_hi, s_hi, generator)
+        both = torch.rand(n, generator=generator) < 0.5
+        lo_level = torch.rand(n, generator=generator) < 0.5  # when not both: lo only, else hi only
+        use_lo = (both | lo_level).view(n, 1, 1, 1)
+        hi_in = torch.where(both.view(n, 1, 1, 1), hi_both, torch.where(use_lo, q_hi, hi_only))
+        lo_in = torch.where(use_lo, lo_bad, q_lo)
+        size = batch.shape[-1]
+        target = torch.where(use_lo, F.interpolate(m_lo, size=size), F.interpolate(m_hi, size=size))
+        return {"q_lo": q_lo, "q_hi": q_hi, "lo_in": lo_in, "hi_in": hi_in, "target": target,
+                "general": vq.decode(lo_in, hi_in)}
+
     def _train_object_branch(self, pixels: torch.Tensor, progress: bool) -> None:
         """Stage 1: subspace restriction + object-specific decoder + anomaly detection module."""
         cfg = self.config
         model: DsrModel = self.model
-        vq = model.vq
         rng = np.random.default_rng([cfg.seed, 1])
         generator = torch.Generator().manual_seed(cfg.seed + 1)
-        low = cfg.anomaly_strength
-
-        def simulate(batch: torch.Tensor) -> dict[str, torch.Tensor]:
-            """Feature-space anomalies at lo, hi or both levels (authors' scheme), their target mask and the
-            general reconstruction of the altered features."""
-            n = batch.shape[0]
-            mask = self._perlin_masks(n, rng)
-            out = vq.encode(batch)
-            q_lo, q_hi = out["q_lo"], out["q_hi"]
-            m_lo, m_hi = block_mask(mask, q_lo.shape[-1]), block_mask(mask, q_hi.shape[-1])
-            s_lo = low + (1.0 - low) * torch.rand(n, generator=generator)
-            s_hi = low + (1.0 - low) * torch.rand(n, generator=generator)
-            lo_bad = replace_with_distant_codes(out["z_lo"], q_lo, vq.quantizer_lo.codebook, m_lo, s_lo, generator)
-            z_hi_bad, q_hi_bad, _ = vq.hi_from_lo(out["enc_hi"], lo_bad)
-            hi_both = replace_with_distant_codes(z_hi_bad, q_hi_bad, vq.quantizer_hi.codebook, m_hi, s_hi, generator)
-            hi_only = replace_with_distant_codes(out["z_hi"], q_hi, vq.quantizer_hi.codebook, m_hi, s_hi, generator)
-            both = torch.rand(n, generator=generator) < 0.5
-            lo_level = torch.rand(n, generator=generator) < 0.5  # when not both: lo only, else hi only
-            use_lo = (both | lo_level).view(n, 1, 1, 1)
-            hi_in = torch.where(both.view(n, 1, 1, 1), hi_both, torch.where(use_lo, q_hi, hi_only))
-            lo_in = torch.where(use_lo, lo_bad, q_lo)
-            size = batch.shape[-1]
-            target = torch.where(use_lo, F.interpolate(m_lo, size=size), F.interpolate(m_hi, size=size))
-            return {"q_lo": q_lo, "q_hi": q_hi, "lo_in": lo_in, "hi_in": hi_in, "target": target,
-                    "general": vq.decode(lo_in, hi_in)}
 
         def step(batch: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                sim = simulate(batch)
+            sim = self.simulate_feature_anomalies(batch, self._perlin_masks(batch.shape[0], rng), generator)
             f_lo, f_hi, specific = model.object_specific(sim["lo_in"], sim["hi_in"])
             logits = model.segment(specific.detach(), sim["general"])
             reconstruction = (F.mse_loss(f_lo, sim["q_lo"]) + F.mse_loss(f_hi, sim["q_hi"])
