@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import shutil
@@ -20,7 +21,7 @@ from detect.data import resize_map, resize_mask
 from detect.metrics import auroc, evaluate, roc_points
 from detect.registry import create, load
 from synth.defect_set import GOOD, read_defect_set
-from synth.errors import InputError
+from synth.errors import ConfigError, InputError
 from synth.io import iter_paths, read_image, write_image, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,14 @@ logger = logging.getLogger(__name__)
 def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str, Any] | None = None,
               val: str | Path | None = None, anomalies: str | Path | None = None, progress: bool = True,
               force: bool = False) -> Detector:
-    """Create, fit and save a model; the folder appears complete or not at all (written beside, then renamed)."""
+    """Create, fit and save a model; the folder appears complete or not at all (written beside, then renamed).
+
+    Crash safety: a fit killed at any point leaves ``out`` as it was (or, killed inside the final swap, the
+    previous model in ``.NAME.old``, which the next run puts back); staging folders of killed runs are removed by
+    the next run, and the rerun, being seeded, writes the same model as an uninterrupted run.
+    """
     out = Path(out)
+    _recover_interrupted_fit(out)
     if (out / CONFIG_FILE).exists() and not force:
         raise InputError(f"{out}: already holds a saved model; pass --force to overwrite it or choose another --out.")
     if out.exists() and not out.is_dir():
@@ -40,7 +47,7 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     detector.fit(data, val, anomalies=anomalies, progress=progress)
     elapsed = time.perf_counter() - start
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
     detector.save(staging)
     old = None
     if out.exists():
@@ -55,6 +62,27 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
                 calibration.image_threshold if calibration else float("nan"),
                 calibration.method if calibration else "none", out)
     return detector
+
+
+def _recover_interrupted_fit(out: Path) -> None:
+    """Undo what a killed ``fit_model`` left beside ``out``: restore a moved-away model, drop staging folders."""
+    old = out.with_name(f".{out.name}.old")
+    if old.is_dir():
+        if not out.exists():
+            old.rename(out)
+            logger.warning("%s: restored the previous folder that an interrupted fit had moved aside", out)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    if out.parent.is_dir():
+        for staging in out.parent.glob(f".{out.name}.*"):
+            if staging.is_dir() and staging.name != old.name and staging.name.startswith(f".{out.name}.stage-"):
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an output folder that is an existing file before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: exists and is a file; choose a folder for --out.")
 
 
 def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float, vmax: float,
@@ -80,8 +108,11 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     """
     from tqdm import tqdm
 
-    detector = load(model_dir)
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be >= 1 (leave it out to use the model's batch size).")
     out = Path(out)
+    check_output_folder(out)
+    detector = load(model_dir)
     paths = iter_paths(inputs)
     if not paths:
         raise InputError("no images to predict: pass image files or folders.")
@@ -200,6 +231,7 @@ def evaluate_detector(detector: Detector, data: str | Path, *, progress: bool = 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path | None = None, *,
                    progress: bool = True) -> dict[str, Any]:
     """``detect eval``: metrics.json and roc.png in ``out`` (default MODEL_DIR/eval)."""
+    check_output_folder(Path(out) if out is not None else Path(model_dir) / "eval")
     detector = load(model_dir)
     metrics = evaluate_detector(detector, data, progress=progress)
     metrics["model"] = detector.name
@@ -261,9 +293,22 @@ def benchmark(names: Sequence[str], data: str | Path, out: str | Path, *, option
 
     from detect.registry import get_model_class
 
-    for name in names:
-        get_model_class(name)  # unknown names fail before any work
+    if not names:
+        raise InputError("no model names given: pass --models NAME[,NAME...] (see `detect models`).")
+    for name in names:  # unknown names and options fail before any work, not as a row after hours of others
+        cls = get_model_class(name)
+        settings = {**(options or {}), **(model_options or {}).get(name, {})}
+        unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(cls.Config)})
+        if unknown:
+            raise ConfigError(f"{name}: unknown option(s) {unknown}; valid options: "
+                              f"{sorted(f.name for f in dataclasses.fields(cls.Config))}")
+        cls.Config(**settings)  # checks the values
+    if max_train is not None and max_train < 1:
+        raise InputError(f"--max-train {max_train}: must be >= 1 (leave it out to use every training image).")
+    if not read_defect_set(data).select(split="test"):  # bad data fails here, not once per model
+        raise InputError(f"{data}: no test/ images to evaluate on; benchmark needs a labeled MVTec-layout dataset.")
     out = Path(out)
+    check_output_folder(out)
     setup = {"data": str(data), "options": options or {}, "max_train": max_train}
     done: dict[str, dict[str, Any]] = {}
     previous = out / "benchmark.json"
