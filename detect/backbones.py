@@ -375,7 +375,8 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Load a user-supplied weights file; every failure becomes an :class:`InputError` naming the path."""
     if not path.exists():
-        raise InputError(f"weights file not found: {path}")
+        raise InputError(f"weights file not found: {path}; check the path (or leave the weights option out to "
+                         f"use the bundled/cached weights).")
     if not path.is_file():
         raise InputError(f"weights path is not a file: {path}")
     suffix = path.suffix.lower()

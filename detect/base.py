@@ -12,6 +12,10 @@ Saved models are a folder: ``config.json`` (model name, config, calibration) and
 from __future__ import annotations
 
 import logging
+import numbers
+import os
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -33,6 +37,53 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Resolved annotations of a config dataclass (cached; empty when they cannot be resolved)."""
+    if cls not in _FIELD_TYPES:
+        try:
+            _FIELD_TYPES[cls] = typing.get_type_hints(cls)
+        except (NameError, TypeError):  # an annotation only importable for type checkers: skip type checks
+            _FIELD_TYPES[cls] = {}
+    return _FIELD_TYPES[cls]
+
+
+def _value_matches(value: Any, hint: Any) -> tuple[bool, str]:
+    """Whether ``value`` fits a config field's annotation, and the annotation in words for the error message.
+
+    Lenient where JSON/YAML round trips change the container (tuple <-> list) or numpy scalars come in; strict
+    where a wrong type would fail later with an unrelated error (strings for numbers, floats for integers).
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        words = " or ".join(_value_matches(None, a)[1] for a in arms)
+        if len(arms) < len(args):
+            if value is None:
+                return True, f"{words} or null"
+            words = f"{words} or null"
+        return any(_value_matches(value, a)[0] for a in arms), words
+    not_bool = not isinstance(value, (bool, np.bool_))
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_)), "true or false"
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not_bool, "an integer"
+    if hint is float:
+        return isinstance(value, numbers.Real) and not_bool, "a number"
+    if hint is str:
+        return isinstance(value, (str, os.PathLike)), "a string"
+    if origin is typing.Literal:
+        return value in args, "one of " + ", ".join(repr(a) for a in args)
+    if hint in (list, tuple) or origin in (list, tuple, Sequence):
+        item = args[0] if args else Any
+        words = f"a list ({_value_matches(None, item)[1]} each)" if item is not Any else "a list"
+        return isinstance(value, (list, tuple)) and all(_value_matches(v, item)[0] for v in value), words
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), "a mapping"
+    return True, "any value"
 
 
 @dataclass
@@ -56,6 +107,13 @@ class DetectorConfig:
     synthetic_val: bool = True
 
     def __post_init__(self) -> None:
+        # Types first: a YAML/--set value such as image_size=abc must name its key, not fail in a comparison below.
+        hints = _field_types(type(self))
+        for f in fields(self):
+            if f.name in hints:
+                ok, allowed = _value_matches(getattr(self, f.name), hints[f.name])
+                self.check(ok, f.name, allowed)
+        self.check(self.seed >= 0, "seed", "an integer >= 0")
         self.check(self.image_size >= 32 and self.image_size % 8 == 0, "image_size", "a multiple of 8, >= 32")
         self.check(self.batch_size >= 1, "batch_size", ">= 1")
         self.check(self.threshold_method in ("auto", "f1", "percentile"), "threshold_method",
@@ -168,7 +226,13 @@ class Detector:
         unknown = sorted(set(config) - known)
         if unknown:
             raise ConfigError(f"{self.name}: unknown option(s) {unknown}; valid options: {sorted(known)}")
-        self.config = self.Config(**config)
+        try:
+            self.config = self.Config(**config)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as exc:  # a model's own check that compares a value of the wrong type
+            raise ConfigError(f"{self.name}: invalid option value ({exc}); check the values given with --set / "
+                              f"--config against the option types in {type(self).__module__}.") from None
         self.calibration: Calibration | None = None
         self.fitted = False
         # Labeled anomalies for this fit (None: normal images only); read by supervised models' _fit.

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from synth.config import StrictModel, read_yaml, validate_config
+from synth.config import StrictModel, format_validation_error, read_yaml, validate_config
 from synth.errors import ConfigError, InputError
 from synth.io import read_json_if_exists, write_json
 
@@ -131,21 +131,11 @@ def derive_seed(seed: int, stage: str) -> int:
     return int(state[0]) % 2**31
 
 
-def _section_error(source: str, section: str, exc: ValidationError) -> ConfigError:
-    lines = []
-    for err in exc.errors():
-        key = ".".join([section, *(str(p) for p in err["loc"])])
-        got = err.get("input")
-        got_text = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: key '{key}': {err['msg']}{got_text}")
-    return ConfigError("\n".join(lines))
-
-
 def _validate_section(model: type[BaseModel], data: dict[str, Any], *, source: str, section: str) -> BaseModel:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _section_error(source, section, exc) from None
+        raise ConfigError(format_validation_error(source, exc, model=model, prefix=(section,))) from None
 
 
 def _section_models() -> dict[str, Callable[[], type[BaseModel]]]:
@@ -659,8 +649,11 @@ def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> dict[str, An
 
     cfg = loaded.config
     if not cfg.data.is_dir():
-        raise InputError(f"{cfg.data}: data folder not found; set 'data' to an MVTec-layout folder "
+        what = "is a file, not a folder" if cfg.data.exists() else "data folder not found"
+        raise InputError(f"{cfg.data}: {what}; set 'data' (or --data) to an MVTec-layout folder "
                          f"(train/good, test/<class>, ground_truth/<class>).")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise InputError(f"{cfg.out}: 'out' exists and is a file; set 'out' (or --out) to a folder.")
     cfg.out.mkdir(parents=True, exist_ok=True)
     names = enabled_stages(loaded)
     plans = plan_stages(loaded)

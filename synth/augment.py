@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from synth.errors import InputError
 from synth.io import is_image_file, read_image
-from synth.masks import _check_rng, perlin_mask_with_params, perlin_noise
+from synth.masks import _check_rng, check_perlin_params, perlin_mask_with_params, perlin_noise
 
 __all__ = [
     "AUGMENTERS",
@@ -432,8 +432,10 @@ class DraemAugmenter(Augmenter):
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= float(self.p_anomaly) <= 1.0:
+        if isinstance(self.p_anomaly, bool) or not isinstance(self.p_anomaly, int | float | np.integer | np.floating) \
+                or not 0.0 <= float(self.p_anomaly) <= 1.0:
             raise InputError(f"p_anomaly must be in [0, 1], got {self.p_anomaly!r}; DRAEM uses 0.5")
+        check_perlin_params(self.min_scale_exp, self.max_scale_exp, self.threshold, self.min_area_fraction)
         self.beta_range = _check_range("beta_range", self.beta_range, 0.0, 1.0)
         unknown = [op for op in self.ops if op not in PHOTOMETRIC_OPS]
         if unknown:
@@ -780,6 +782,7 @@ class PerlinBlend(Augmenter):
     def __post_init__(self) -> None:
         if self.source not in ("noise", "shade"):
             raise InputError(f"source must be 'noise' or 'shade', got {self.source!r}")
+        check_perlin_params(self.min_scale_exp, self.max_scale_exp, self.threshold)
         self.beta_range = _check_range("beta_range", self.beta_range, 0.0, 1.0)
         self.shade_range = _check_range("shade_range", self.shade_range, 0.0, 4.0)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from synth import __version__
 from synth.cli_utils import add_common_arguments, run_cli
-from synth.config import GENERATE_METHODS, GenerateConfig, load_config
+from synth.config import GENERATE_METHODS, GenerateConfig, describe_yaml_error, load_config
 from synth.errors import ConfigError
 
 logger = logging.getLogger("synth")
@@ -182,7 +182,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         try:
             values[key.strip()] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc}).") from None
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML{describe_yaml_error(exc)}") from None
     return values
 
 

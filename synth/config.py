@@ -7,6 +7,7 @@ typo never silently falls back to a default. YAML is parsed with ``yaml.safe_loa
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -46,13 +47,32 @@ class GenerateConfig(StrictModel):
     method_params: dict[str, Any] = Field(default_factory=dict, description="extra generator arguments")
 
 
-def _format_error(source: str, exc: ValidationError, data: dict[str, Any]) -> str:
+def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:
+    """``unknown key; did you mean 'x'? valid keys: ...`` for a key the model does not have."""
+    if model is None or len(loc) != 1:
+        return "unknown key; remove it or fix its spelling"
+    valid = sorted(model.model_fields)
+    close = difflib.get_close_matches(str(loc[0]), valid, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {guess}valid keys: {', '.join(valid)}"
+
+
+def format_validation_error(source: str, exc: ValidationError, *, model: type[BaseModel] | None = None,
+                            prefix: tuple[str, ...] = ()) -> str:
+    """One line per bad key: ``SOURCE: key 'a.b': what is wrong (got VALUE)``; unknown keys list the valid ones.
+
+    ``prefix`` is prepended to every key (a section name); ``model`` gives the valid keys for unknown-key errors.
+    """
     lines = []
     for err in exc.errors():
-        key = ".".join(str(part) for part in err["loc"]) or "(root)"
+        key = ".".join([*prefix, *(str(part) for part in err["loc"])]) or "(root)"
         got = err.get("input")
         got_text = "" if err["type"] == "missing" or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: key '{key}': {err['msg']}{got_text}")
+        # pydantic prefixes messages of our own validators with "Value error, "; the key already says where.
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = _unknown_key_hint(model, tuple(err["loc"]))
+        lines.append(f"{source}: key '{key}': {message}{got_text}")
     return "\n".join(lines)
 
 
@@ -63,18 +83,32 @@ def validate_config(model: type[ModelT], data: dict[str, Any], *, source: str = 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_error(source, exc, data)) from None
+        raise ConfigError(format_validation_error(source, exc, model=model)) from None
+
+
+def describe_yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line error as one line to append to "invalid YAML": where, what, and how to fix it."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    started = (f" ({context} started at line {context_mark.line + 1})"
+               if context and context_mark is not None else "")
+    return (f"{where}: {problem}{started}; fix the syntax (close brackets and quotes, indent with spaces, "
+            f"quote values that contain ': ' or '#'); only plain YAML tags are accepted.")
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """``yaml.safe_load`` a file into a dict with clear errors (missing file, syntax error, not a mapping)."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: expected a YAML config file, got a folder; pass the .yaml file itself.")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; check the path.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        raise ConfigError(f"{path}: invalid YAML{describe_yaml_error(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -80,7 +80,8 @@ def load_exemplars(masks: Path, defects: Path | None, *, strict: bool = False,
     from synth.placement import DefectExemplar
 
     if not masks.is_dir():
-        raise InputError(f"{masks}: masks folder not found; pass --masks DIR with <class>/<name>.png masks.")
+        what = "expected a folder of masks, got a file" if masks.exists() else "masks folder not found"
+        raise InputError(f"{masks}: {what}; pass --masks DIR with <class>/<name>.png masks.")
     class_dirs = sorted(p for p in masks.iterdir() if p.is_dir())
     entries: list[tuple[str, Path]] = []
     for class_dir in class_dirs:
@@ -113,6 +114,16 @@ def load_exemplars(masks: Path, defects: Path | None, *, strict: bool = False,
     return exemplars
 
 
+def _method_params_error(method: str, target: Callable[..., Any], exc: Exception) -> InputError:
+    """One message for a method_params entry the generator refuses: an unknown key (TypeError) or a bad value."""
+    import inspect
+
+    skip = {"exemplars", "blend_mode", "foreground"}  # set by synth generate itself, not method_params
+    valid = ", ".join(p for p in inspect.signature(target).parameters if p not in skip)
+    hint = f"; valid keys: {valid}" if isinstance(exc, TypeError) else ""
+    return InputError(f"method_params for {method!r}: {exc}{hint} (--set KEY=VALUE or method_params: in the config).")
+
+
 def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> DefectGenerator:
     """The per-image generator for ``cfg.method`` (see ``GenerateConfig``)."""
     params = dict(cfg.method_params)
@@ -135,7 +146,10 @@ def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> De
             raise InputError(f"blend '{cfg.blend}' copies real defect appearance: pass --defects DIR "
                              f"with the images the masks belong to, or use --blend alpha.")
         exemplars = load_exemplars(cfg.masks, cfg.defects, strict=cfg.strict, skipped=skipped)
-        placer = MaskGuidedPlacer(exemplars, blend_mode=cfg.blend, foreground=cfg.foreground, **params)
+        try:
+            placer = MaskGuidedPlacer(exemplars, blend_mode=cfg.blend, foreground=cfg.foreground, **params)
+        except (TypeError, ValueError) as exc:
+            raise _method_params_error(cfg.method, MaskGuidedPlacer, exc) from None
 
         def paste(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
             result = placer(image, rng)
@@ -151,8 +165,8 @@ def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> De
             params.setdefault("anomaly_source", cfg.anomaly_source)
     try:
         augmenter = AUGMENTERS[cfg.method](**params)
-    except TypeError as exc:
-        raise InputError(f"method_params for {cfg.method!r}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise _method_params_error(cfg.method, AUGMENTERS[cfg.method], exc) from None
     default_class = cfg.defect_class or cfg.method
 
     def augment(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:

@@ -49,8 +49,12 @@ def list_images(folder: str | Path, *, recursive: bool = False, allow_empty: boo
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in folder.glob(pattern) if p.is_file() and is_image_file(p))
     if not files and not allow_empty:
+        # A folder of class subfolders (e.g. test/ of MVTec) is a common mistake: say where the images are.
+        subfolders = [] if recursive else sorted(p.name for p in folder.iterdir() if p.is_dir())
+        hint = (f"; subfolders are not searched: pass them instead ({', '.join(subfolders[:5])}"
+                f"{', ...' if len(subfolders) > 5 else ''})" if subfolders else "")
         raise InputError(
-            f"{folder}: no images found (supported extensions: {', '.join(IMAGE_EXTENSIONS)})."
+            f"{folder}: no images found (supported extensions: {', '.join(IMAGE_EXTENSIONS)}){hint}."
         )
     return files
 
@@ -179,8 +183,16 @@ def durable_writes() -> bool:
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[object], object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except (FileExistsError, NotADirectoryError) as exc:
+        # An output folder given as (or inside) an existing file: a user error, not a crash.
+        raise InputError(f"{path.parent}: cannot create the output folder, a file is in the way ({exc.strerror}: "
+                         f"{exc.filename}); choose a folder for the output.") from None
+    except PermissionError as exc:
+        raise InputError(f"{path.parent}: cannot write there ({exc.strerror}); choose a writable output "
+                         f"folder.") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)

@@ -294,6 +294,24 @@ def fractal_perlin_noise(
 # --------------------------------------------------------------------------------------------
 
 
+def check_perlin_params(min_scale_exp: Any, max_scale_exp: Any, threshold: Any, min_area_fraction: Any = 0.0) -> None:
+    """Validate Perlin mask parameters (types and ranges), so generators can refuse bad values when built."""
+    if isinstance(min_scale_exp, bool) or isinstance(max_scale_exp, bool) or not isinstance(
+            min_scale_exp, int | np.integer) or not isinstance(max_scale_exp, int | np.integer):
+        raise InputError(f"min_scale_exp/max_scale_exp must be ints, got {min_scale_exp!r}/{max_scale_exp!r}")
+    if not 0 <= min_scale_exp < max_scale_exp:
+        raise InputError(
+            f"need 0 <= min_scale_exp < max_scale_exp (exclusive upper bound), got "
+            f"{min_scale_exp}, {max_scale_exp}; DRAEM uses 0 and 6"
+        )
+    for key, value, allowed in (("threshold", threshold, "a number"),
+                                ("min_area_fraction", min_area_fraction, "a number in [0, 1)")):
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise InputError(f"{key} must be {allowed}, got {value!r}")
+    if not 0.0 <= float(min_area_fraction) < 1.0:
+        raise InputError(f"min_area_fraction must be in [0, 1), got {min_area_fraction!r}")
+
+
 def perlin_mask_with_params(
     shape: tuple[int, int],
     rng: np.random.Generator,
@@ -313,15 +331,7 @@ def perlin_mask_with_params(
     """
     h, w = _check_shape(shape)
     rng = _check_rng(rng)
-    if not isinstance(min_scale_exp, int | np.integer) or not isinstance(max_scale_exp, int | np.integer):
-        raise InputError(f"min_scale_exp/max_scale_exp must be ints, got {min_scale_exp!r}/{max_scale_exp!r}")
-    if not 0 <= min_scale_exp < max_scale_exp:
-        raise InputError(
-            f"need 0 <= min_scale_exp < max_scale_exp (exclusive upper bound), got "
-            f"{min_scale_exp}, {max_scale_exp}; DRAEM uses 0 and 6"
-        )
-    if not 0.0 <= float(min_area_fraction) < 1.0:
-        raise InputError(f"min_area_fraction must be in [0, 1), got {min_area_fraction!r}")
+    check_perlin_params(min_scale_exp, max_scale_exp, threshold, min_area_fraction)
     if not isinstance(max_tries, int | np.integer) or max_tries < 1:
         raise InputError(f"max_tries must be a positive int, got {max_tries!r}")
     threshold = float(threshold)

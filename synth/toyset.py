@@ -87,6 +87,14 @@ def make_texture_defect_set(
 
     Deterministic for a given seed. Takes well under a second for the defaults.
     """
+    # Planted defects need a few pixels of room (spots are 8-22 % of the side); smaller crops cannot hold one.
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16:
+        raise InputError(f"size {size!r}: must be an integer >= 16 (pixels per side; default 64).")
+    for key, value in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_per_class", n_test_per_class)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{key} {value!r}: must be an integer >= 0.")
+    if n_train + n_test_good + n_test_per_class == 0:
+        raise InputError("n_train, n_test_good and n_test_per_class are all 0: the set would be empty.")
     rng = np.random.default_rng(seed)
     photo = load_texture(texture)
     writer = DefectSetWriter(root)
