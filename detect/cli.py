@@ -20,7 +20,7 @@ import yaml
 
 from synth import __version__
 from synth.cli_utils import add_common_arguments, run_cli
-from synth.config import read_yaml
+from synth.config import describe_yaml_error, read_yaml
 from synth.errors import ConfigError
 
 
@@ -31,7 +31,10 @@ def parse_options(config: Path | None, sets: Sequence[str] | None, image_size: i
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set coreset_ratio=0.05")
-        options[key.strip()] = yaml.safe_load(value)
+        try:
+            options[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML{describe_yaml_error(exc)}") from None
     if image_size is not None:
         options["image_size"] = image_size
     return options
@@ -93,6 +96,8 @@ def cmd_backbone(args: argparse.Namespace) -> int:
 
     from detect.backbones import create_feature_extractor
 
+    if args.size < 32:  # smaller inputs vanish inside the stride-32 stages of the CNN backbones
+        raise ConfigError(f"--size {args.size}: must be >= 32 (the default is 224).")
     model = create_feature_extractor(args.name, out_indices=tuple(args.out_indices), weights=args.weights,
                                      pretrained=not args.random)
     with torch.no_grad():
