@@ -7,6 +7,7 @@ Subcommands:
   benchmark  fit + evaluate several models on one dataset: metrics, fit time, images/s, peak memory
   models     list registered models
   backbone   load a backbone offline and print its feature maps
+  export     export a saved model to ONNX, checked against PyTorch with onnxruntime
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from detect.export import FORMATS, METADATA_FILE, export_onnx
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format!r}: unsupported export format; allowed: {', '.join(FORMATS)}.")
+    out = export_onnx(args.model_dir, args.out, opset=args.opset, check=not args.no_check, exporter=args.exporter,
+                      rtol=args.rtol)
+    print(f"wrote {out} and {out.parent / METADATA_FILE}")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML with model options (and optionally `model:`)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, repeatable")
@@ -163,13 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--out-indices", type=int, nargs="+", default=[1, 2, 3])
     bb.add_argument("--size", type=int, default=224)
     add_common_arguments(bb)
+
+    exp = sub.add_parser("export", help="export a saved model to ONNX (verified against PyTorch)")
+    exp.add_argument("--model-dir", type=Path, required=True, help="model folder written by `detect fit --out`")
+    exp.add_argument("--format", default="onnx", help="export format (onnx)")
+    exp.add_argument("--out", type=Path, help="file to write (default: MODEL_DIR/model.onnx)")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset version (default 18)")
+    exp.add_argument("--exporter", choices=["torchscript", "dynamo"], default="torchscript",
+                     help="torch.onnx exporter (default torchscript, falling back to dynamo when it fails)")
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    exp.add_argument("--rtol", type=float, default=None,
+                     help="check tolerance relative to the score scale (default 1e-4; per-model for a few)")
+    add_common_arguments(exp)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, {
         "fit": cmd_fit, "predict": cmd_predict, "eval": cmd_eval, "benchmark": cmd_benchmark,
-        "models": cmd_models, "backbone": cmd_backbone,
+        "models": cmd_models, "backbone": cmd_backbone, "export": cmd_export,
     })
 
 

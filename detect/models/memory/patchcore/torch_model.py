@@ -21,7 +21,10 @@ whole bank (difference form), which gives s*, m* and the neighbour distances of 
 ``forward`` is plain torch, so it exports (torch.export, tested) and traces. An exact faiss ``IndexFlatL2`` can
 replace the torch search (``model.nn_backend = "faiss"``): it is built lazily from the ``memory_bank`` buffer
 (rebuilt when the buffer changes), is never used while exporting/tracing, and gives the same scores to float
-rounding. The detector keeps the torch search by default: faiss was not clearly faster on the 2-core development
+rounding. While exporting, the search runs as one block (the blocking depends on the batch size, which an exported
+graph must not fix) and the exact distances are written out instead of ``cdist`` (which the torch.export-based
+ONNX exporter cannot translate); ``tests/test_export.py`` checks the ONNX graph against eager PyTorch. The detector
+keeps the torch search by default: faiss was not clearly faster on the 2-core development
 CPU (whole inference 1.14x faster at 256 px with a 10_240-entry bank, slower with small banks).
 """
 
@@ -108,7 +111,9 @@ class PatchcoreModel(nn.Module):
         bank_sq = bank.pow(2).sum(1)
         patches = patches - mean
         rows = max(1, SEARCH_BLOCK_ELEMENTS // max(1, bank.shape[0]))
-        if patches.shape[0] <= rows:
+        # Exported graphs take one block: the blocking depends on the batch size, which a traced/exported graph
+        # must not fix (the per-row result is the same; only peak memory differs).
+        if _exporting() or patches.shape[0] <= rows:
             nearest = torch.addmm(bank_sq, patches, bank_t, alpha=-2).amin(1)
         else:
             nearest = torch.cat([torch.addmm(bank_sq, chunk, bank_t, alpha=-2).amin(1)
@@ -155,7 +160,11 @@ class PatchcoreModel(nn.Module):
         rows = torch.arange(n, device=distance.device)
         test = patches.reshape(n, -1, patches.shape[-1])[rows, distance.argmax(1)]  # m_test,* (n, D)
         bank = self.memory_bank
-        exact = torch.cdist(test, bank, compute_mode="donot_use_mm_for_euclid_dist")  # (n, M)
+        if _exporting():
+            # The same difference form written out: the torch.export-based ONNX exporter has no cdist kernel.
+            exact = (test.unsqueeze(1) - bank.unsqueeze(0)).pow(2).sum(-1).sqrt()
+        else:
+            exact = torch.cdist(test, bank, compute_mode="donot_use_mm_for_euclid_dist")  # (n, M)
         s_star, m_index = exact.min(1)
         b = min(self.num_neighbors, bank.shape[0])
         if b < 2:
