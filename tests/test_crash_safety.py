@@ -2,9 +2,8 @@
 
 After each kill the same command is rerun; the final output must equal an uninterrupted run's byte for byte
 (results: value for value, timings aside), nothing may be duplicated and no temporary file may be left behind.
-The kill points are drawn from a seeded generator, so a failure reproduces. The subprocess tests start a dozen
-Python processes each and are marked slow (``pytest -m slow tests/test_crash_safety.py``); the default run keeps the
-in-process save/swap test and tests/test_generate.py's single-kill test.
+The kill points are drawn from a seeded generator, so a failure reproduces. The file takes about 80 s on a quiet
+2-core machine (each test starts a dozen Python processes).
 """
 
 from __future__ import annotations
@@ -85,7 +84,6 @@ def generate_inputs(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.slow
 def test_synth_generate_killed_repeatedly_equals_an_uninterrupted_run(generate_inputs, tmp_path):
     n = 90
     args = ["generate", "-q", "--normal", str(generate_inputs / "normal"), "--masks", str(generate_inputs / "masks"),
@@ -131,7 +129,6 @@ def fit_command(data: Path, out: Path, *extra: str) -> list[str]:
             "--out", str(out), *FIT_OPTIONS, *extra]
 
 
-@pytest.mark.slow
 def test_detect_fit_killed_at_random_points_writes_the_same_model(brick_set, tmp_path):
     reference = tmp_path / "reference"
     started = time.monotonic()
@@ -212,7 +209,6 @@ def _stable(results: dict) -> dict:
     return clean(results)
 
 
-@pytest.mark.slow
 def test_pipelines_run_killed_at_random_points_gives_the_same_results(brick_set, tmp_path):
     def config(out: Path) -> Path:
         data = {"name": "crash", "seed": 0, "data": str(brick_set.root), "out": str(out),
