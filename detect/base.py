@@ -256,7 +256,7 @@ class Detector:
 
     def fit(self, train: DefectSet | str | Path | list[ImageInput], val: DefectSet | str | Path | list | None = None,
             *, anomalies: DefectSet | str | Path | AnomalySamples | Sequence[tuple[ImageInput, Any]] | None = None,
-            progress: bool = True) -> Detector:
+            progress: bool = True, calibrate: bool = True) -> Detector:
         """Train on normal images, then calibrate the threshold on validation data.
 
         ``train``: a defect set / MVTec folder (its ``train/good``), an image folder or a list of images.
@@ -264,6 +264,8 @@ class Detector:
         when omitted, ``val_fraction`` of the training normals is held out (5 or more images).
         ``anomalies``: labeled anomalous images (real, or synthetic from ``synth generate``) for models with
         ``supports_anomalies`` (supervised training); see :func:`resolve_anomalies` for the accepted forms.
+        ``calibrate=False``: train on every image and set no threshold (``calibration`` stays None; ``val`` is
+        ignored), for callers that choose thresholds themselves (e.g. ``pipelines.fewshot``).
         """
         if anomalies is not None and not self.supports_anomalies:
             from detect.registry import get_model_class, list_models
@@ -275,7 +277,7 @@ class Detector:
         images = resolve_images(train)
         torch.manual_seed(self.config.seed)
         held_out: list[ImageInput] = []
-        if val is None and len(images) >= 5 and self.config.val_fraction > 0:
+        if calibrate and val is None and len(images) >= 5 and self.config.val_fraction > 0:
             order = np.random.default_rng(self.config.seed).permutation(len(images))
             n_val = max(1, int(round(self.config.val_fraction * len(images))))
             held_out = [images[i] for i in sorted(order[:n_val])]
@@ -286,8 +288,9 @@ class Detector:
             self.train_anomalies = None  # paths/arrays of one fit are not kept on the detector
         self.model.eval()
         self.fitted = True
-        validation = self._validation_data(val, held_out or images)
-        self.calibration = self._calibrate(validation)
+        self.calibration = None
+        if calibrate:
+            self.calibration = self._calibrate(self._validation_data(val, held_out or images))
         return self
 
     def _validation_data(self, val: DefectSet | str | Path | list | None, fallback: list[ImageInput]

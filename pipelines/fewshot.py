@@ -454,13 +454,12 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
     options = {**cfg.model_options.get(unit.model, {}), "image_size": cfg.image_size, "seed": seed}
     # The pipeline sets its thresholds itself (below), so the detector's own calibration is switched off: it would
     # only cost predictions, and it refuses degenerate validation scores (e.g. 1 shot, a barely trained model)
-    # that the pipeline reports as numbers instead. Detector.fit has no public switch for this yet.
+    # that the pipeline reports as numbers instead.
     options.update(threshold_method="percentile", synthetic_val=False)
     detector = registry.create(unit.model, **options)
-    detector._calibrate = lambda validation: None  # type: ignore[method-assign]
     anomalies = synthetic.train if unit.with_anomalies and synthetic is not None else None
     start = time.perf_counter()
-    detector.fit(fit_images, val=cal_normals, anomalies=anomalies, progress=False)
+    detector.fit(fit_images, anomalies=anomalies, progress=False, calibrate=False)
     fit_s = time.perf_counter() - start
 
     test = detector.predict(data.test)

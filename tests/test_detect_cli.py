@@ -170,3 +170,17 @@ def test_benchmark_resumes_and_reports_failures(brick_set, tmp_path, monkeypatch
     # A model that fails gets its error in the table; the run goes on.
     row = benchmark_one("padim", str(brick_set.root), {"image_size": 64, "n_features": -1}, None)
     assert "error" in row and "n_features" in row["error"]
+
+
+def test_fit_without_calibration_trains_on_every_image_and_sets_no_threshold(brick_set, monkeypatch):
+    seen: list[int] = []
+    model = detect.create("padim", image_size=64, blur_sigma=1)
+    real_fit = type(model)._fit
+    monkeypatch.setattr(type(model), "_fit", lambda self, images, progress: (seen.append(len(images)),
+                                                                              real_fit(self, images, progress)))
+    model.fit(brick_set.root, progress=False, calibrate=False)
+    assert model.fitted and model.calibration is None
+    prediction = model.predict(sorted((brick_set.root / "test" / "good").iterdir())[:2])
+    assert prediction.labels is None and prediction.scores.shape == (2,)
+    model.fit(brick_set.root, progress=False)  # the default holds out 20 % of the 16 normals to calibrate on
+    assert seen == [16, 13] and model.calibration is not None
