@@ -247,6 +247,31 @@ def test_server_errors_and_rate_limits_are_retried(server, caplog):
         make(server).model.inspect(images(1))
 
 
+def test_unknown_host_fails_at_once_but_dns_hiccups_are_retried(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    calls: list[int] = []
+
+    def failing_urlopen(errno: int):
+        def urlopen(request, timeout=None):
+            calls.append(errno)
+            raise urllib.error.URLError(socket.gaierror(errno, "resolver says no"))
+        return urlopen
+
+    model = VlmAd(base_url="http://no-such-host.invalid/v1", image_size=SIZE, k_shot=0, max_retries=3,
+                  retry_backoff=0.0).model
+    monkeypatch.setattr(urllib.request, "urlopen", failing_urlopen(socket.EAI_NONAME))
+    with pytest.raises(InputError, match="host name in base_url does not resolve"):
+        model.inspect(images(1))
+    assert calls == [socket.EAI_NONAME]  # no retries for a name that does not exist
+    calls.clear()
+    monkeypatch.setattr(urllib.request, "urlopen", failing_urlopen(socket.EAI_AGAIN))
+    with pytest.raises(InputError, match="failed 4 time"):
+        model.inspect(images(1))
+    assert len(calls) == 4
+
+
 def test_unreachable_and_slow_servers_fail_quickly(server):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

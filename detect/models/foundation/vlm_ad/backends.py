@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -192,6 +193,10 @@ class OpenAIChatBackend:
             except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
                 reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
                 failure = f"cannot reach the server ({redact(_short(str(reason) or type(reason).__name__), key)})"
+                # An unknown host name does not start resolving on a retry (unlike EAI_AGAIN, a DNS hiccup).
+                if isinstance(reason, socket.gaierror) and reason.errno == socket.EAI_NONAME:
+                    raise InputError(f"vlm_ad: {self.url}: {failure}: the host name in base_url does not resolve; "
+                                     f"check base_url (and that this machine has network access).") from None
             if attempt < self.max_retries:
                 logger.warning("vlm_ad: %s: %s; retry %d/%d in %.1f s", self.url, failure, attempt + 1,
                                self.max_retries, delay)
