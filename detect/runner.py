@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -16,13 +18,13 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detect.base import CONFIG_FILE, Detector
+from detect.base import CONFIG_FILE, WEIGHTS_FILE, Detector
 from detect.data import resize_map, resize_mask
 from detect.metrics import auroc, evaluate, roc_points
 from detect.registry import create, load
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import ConfigError, InputError
-from synth.io import iter_paths, read_image, write_image, write_json, write_text
+from synth.io import durable_writes, iter_paths, read_image, write_image, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +101,42 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float, 
     return np.concatenate([image, blended], axis=1)
 
 
+SCORE_FIELDS = ["image", "score", "normalized_score", "anomalous", "error"]
+# Rows of a running `detect predict`, appended batch by batch; a rerun of the same command resumes from it.
+PARTIAL_SCORES = ".scores.partial.csv"
+
+
+def _predict_run_key(model_dir: Path, paths: Sequence[Path], overlays: bool) -> str:
+    """What a partial predict run depends on: the model (config + weights file identity) and the image list."""
+    digest = hashlib.sha256((model_dir / CONFIG_FILE).read_bytes())
+    weights = (model_dir / WEIGHTS_FILE).stat()
+    digest.update(f"{weights.st_size}:{weights.st_mtime_ns}:{overlays}\n".encode())
+    for path in paths:
+        digest.update(f"{path}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _read_partial_scores(partial: Path, key: str) -> dict[int, dict[str, str]]:
+    """Rows (by image index) of an interrupted run with the same key; anything else is discarded."""
+    if not partial.is_file():
+        return {}
+    text = partial.read_text(encoding="utf-8")
+    header, _, body = text.partition("\n")
+    if header != f"# {key}":
+        logger.info("%s: from another model or image list; starting over", partial)
+        return {}
+    body = body[:body.rfind("\n") + 1]  # a kill mid-write leaves an unterminated last line: drop it
+    return {int(row.pop("index")): row for row in csv.DictReader(io.StringIO(body))}
+
+
 def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                       overlays: bool = True, batch_size: int | None = None, progress: bool = True) -> Path:
     """Score every image under ``inputs``; writes ``scores.csv`` (+ ``overlays/``) into ``out``.
 
     Images are streamed batch by batch, so memory stays bounded for any number of images. Unreadable
-    images are skipped, listed in the CSV's ``error`` column and reported at the end.
+    images are skipped, listed in the CSV's ``error`` column and reported at the end. Rows are appended to
+    ``OUT/.scores.partial.csv`` after each batch, so a killed run resumes where it stopped when the same
+    command is rerun (same model, same images); ``scores.csv`` is written atomically at the end, in input order.
     """
     from tqdm import tqdm
 
@@ -118,32 +150,40 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
         raise InputError("no images to predict: pass image files or folders.")
     batch_size = batch_size or detector.config.batch_size
     calibration = detector.calibration
-    rows: list[dict[str, Any]] = []
-    errors = 0
-    with tqdm(total=len(paths), desc="detect predict", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start:start + batch_size]
-            images, kept = [], []
-            for path in chunk:
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / PARTIAL_SCORES
+    key = _predict_run_key(Path(model_dir), paths, overlays)
+    rows = _read_partial_scores(partial, key)
+    todo = [i for i in range(len(paths)) if i not in rows]
+    if rows:
+        logger.info("resuming: %d of %d images already scored", len(rows), len(paths))
+    else:
+        write_text(partial, f"# {key}\n" + ",".join(["index", *SCORE_FIELDS]) + "\n")
+    with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="detect predict", unit="img",
+              disable=not progress) as bar, open(partial, "a", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["index", *SCORE_FIELDS], lineterminator="\n")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images, kept, new_rows = [], [], {}
+            for i in chunk:
                 try:
-                    images.append(read_image(path))
-                    kept.append(path)
+                    images.append(read_image(paths[i]))
+                    kept.append(i)
                 except InputError as exc:
-                    errors += 1
                     logger.warning("%s", exc)
-                    rows.append({"image": str(path), "score": "", "normalized_score": "", "anomalous": "",
-                                 "error": str(exc)})
+                    # One line per row: the partial file is read back line by line.
+                    new_rows[i] = {"image": str(paths[i]), "score": "", "normalized_score": "", "anomalous": "",
+                                   "error": " ".join(str(exc).split())}
             if images:
                 prediction = detector.predict(images)
-                for index, path in enumerate(kept):
-                    score = float(prediction.scores[index])
-                    normalized = prediction.normalized_scores
-                    rows.append({
-                        "image": str(path), "score": f"{score:.6g}",
+                normalized = prediction.normalized_scores
+                for index, i in enumerate(kept):
+                    new_rows[i] = {
+                        "image": str(paths[i]), "score": f"{float(prediction.scores[index]):.6g}",
                         "normalized_score": "" if normalized is None else f"{normalized[index]:.4f}",
-                        "anomalous": "" if prediction.labels is None else int(prediction.labels[index]),
+                        "anomalous": "" if prediction.labels is None else str(int(prediction.labels[index])),
                         "error": "",
-                    })
+                    }
                     if overlays:
                         shape = images[index].shape[:2]
                         amap = resize_map(prediction.anomaly_maps[index], shape)
@@ -153,15 +193,23 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
                         vmin = calibration.pixel_min if calibration and calibration.pixel_min is not None else 0.0
                         vmax = (calibration.pixel_max if calibration and calibration.pixel_max is not None
                                 else float(amap.max()))
-                        write_image(out / "overlays" / f"{start + index:05d}_{path.stem}.png",
+                        write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
                                     heatmap_overlay(images[index], amap, vmin=vmin, vmax=vmax, mask=mask))
+            # Overlays first, then the rows: a row in the partial file means its overlay is complete.
+            writer.writerows({"index": i, **row} for i, row in sorted(new_rows.items()))
+            handle.flush()
+            if durable_writes():
+                os.fsync(handle.fileno())
+            rows.update(new_rows)
             bar.update(len(chunk))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["image", "score", "normalized_score", "anomalous", "error"])
+    writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(rows[i] for i in range(len(paths)))
     write_text(out / "scores.csv", buffer.getvalue())
-    flagged = sum(1 for r in rows if r["anomalous"] == 1)
+    partial.unlink(missing_ok=True)
+    errors = sum(1 for r in rows.values() if r["error"])
+    flagged = sum(1 for r in rows.values() if r["anomalous"] == "1")
     print(f"scored {len(rows) - errors} images ({flagged} anomalous at the calibrated threshold) -> {out}/scores.csv"
           + (f"; {errors} unreadable, see the error column" if errors else ""))
     return out / "scores.csv"

@@ -191,6 +191,46 @@ def test_fit_interrupted_inside_save_or_swap_recovers(brick_set, tmp_path, monke
     assert not [p for p in tmp_path.iterdir() if ".stage-" in p.name]
 
 
+def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
+    from shutil import copy
+
+    model_dir = tmp_path / "padim"
+    fit_model("padim", brick_set.root, model_dir, options={"image_size": 64, "blur_sigma": 1}, progress=False)
+    sources = sorted((brick_set.root / "test").rglob("*.png"))
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(120):
+        copy(sources[i % len(sources)], images / f"img_{i:03d}.png")
+    (images / "img_050.png").write_bytes(b"not a png")  # an unreadable image's error row must survive resuming
+    command = [sys.executable, "-m", "detect.cli", "predict", "-q", "--model-dir", str(model_dir), str(images),
+               "--batch-size", "8", "--out"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    run_ok([*command, str(reference)])
+
+    partial = killed / ".scores.partial.csv"
+
+    def scored() -> int:
+        try:
+            return partial.read_text().count("\n") - 2
+        except FileNotFoundError:
+            return 0
+
+    rng = np.random.default_rng(3)
+    targets = sorted(rng.integers(10, 100, size=2).tolist())
+    for target in targets:
+        assert kill_when([*command, str(killed)], lambda t=target: scored() >= t), "kill must land mid-run"
+    assert 10 <= scored() < 120
+    before = scored()
+    first_overlay = next((killed / "overlays").glob("00000_*.png"))
+    written_at = first_overlay.stat().st_mtime_ns
+    done = subprocess.run([*command, str(killed)], capture_output=True, text=True, env={**ENV}, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (killed / "scores.csv").read_bytes() == (reference / "scores.csv").read_bytes()
+    assert tree_digest(killed / "overlays") == tree_digest(reference / "overlays")
+    assert not partial.exists() and before > 0
+    assert first_overlay.stat().st_mtime_ns == written_at, "images scored before the kill are not scored again"
+
+
 # --------------------------------------------------------------------------------------------------
 # pipelines run
 # --------------------------------------------------------------------------------------------------
