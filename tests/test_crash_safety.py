@@ -1,9 +1,9 @@
-"""Crash safety: SIGKILL ``synth generate``, ``detect fit`` and ``pipelines run`` at seeded random points.
+"""Crash safety: SIGKILL ``synth generate``, ``detect fit``, ``detect predict`` and ``pipelines run`` mid-run.
 
 After each kill the same command is rerun; the final output must equal an uninterrupted run's byte for byte
 (results: value for value, timings aside), nothing may be duplicated and no temporary file may be left behind.
-The kill points are drawn from a seeded generator, so a failure reproduces. The file takes about 80 s on a quiet
-2-core machine (each test starts a dozen Python processes).
+The kill points are drawn from a seeded generator, so a failure reproduces. The file takes about 100 s on a
+quiet 2-core machine (each test starts a dozen Python processes).
 """
 
 from __future__ import annotations
