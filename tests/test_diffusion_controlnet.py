@@ -114,6 +114,8 @@ def test_resume_equals_uninterrupted_and_same_seed(trained, brick_set, tiny_inpa
     # Other settings into the same folder: a clear error naming the changed key.
     with pytest.raises(InputError, match="learning_rate"):
         train_controlnet(_config(brick_set.root, out, tiny_inpaint_model, learning_rate=1e-4), progress=False)
+    with pytest.raises(InputError, match="holds a ControlNet trained for 4 steps, more than train_steps=3"):
+        train_controlnet(_config(brick_set.root, out, tiny_inpaint_model, train_steps=3), progress=False)
 
 
 def test_same_seed_same_weights_other_seed_differs(trained, brick_set, tiny_inpaint_model, tmp_path):

@@ -262,6 +262,8 @@ def test_finished_run_is_a_noop_and_other_settings_are_refused(trained, brick_se
     assert (trained / ADAPTER_WEIGHTS).stat().st_mtime_ns == before
     with pytest.raises(InputError, match="other settings.*num_tokens"):
         train_csm(_config(brick_set.root, trained, tiny_inpaint_model, tiny_clip, num_tokens=2), progress=False)
+    with pytest.raises(InputError, match="holds an adapter trained for 3 steps, more than train_steps=2"):
+        train_csm(_config(brick_set.root, trained, tiny_inpaint_model, tiny_clip, train_steps=2), progress=False)
 
 
 # ----- generation -----------------------------------------------------------------------------------------------

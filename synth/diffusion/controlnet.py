@@ -52,7 +52,6 @@ Deviations
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +68,8 @@ from synth.diffusion.run_state import (
     CONFIG_RECORD,
     LOSS_LOG,
     STATE_RECORD,
+    already_trained,
     check_same_settings,
-    checkpoint_steps,
     quiet_accelerate,
     replace_dir,
     resume_step,
@@ -78,7 +77,7 @@ from synth.diffusion.run_state import (
     truncate_log,
 )
 from synth.errors import InputError
-from synth.io import read_json_if_exists, write_json
+from synth.io import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -393,46 +392,31 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
     require_diffusers()
     import torch
     import torch.nn.functional as F
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm import tqdm
 
     from synth.diffusion.components import load_inpaint_components
+    from synth.diffusion.trainer import (
+        check_inpaint_model,
+        denoising_inputs,
+        make_accelerator,
+        run_training_steps,
+    )
     from synth.hub import load_pretrained
 
     out = Path(cfg.out)
     final_dir = out / CONTROLNET_DIR
     record = _config_record(cfg)
     check_same_settings(out, record, "a ControlNet")
-    state = read_json_if_exists(out / STATE_RECORD)
-    if isinstance(state, dict) and (final_dir / "config.json").exists():
-        done = int(state.get("completed_steps", 0))
-        if done == cfg.train_steps:
-            logger.info("%s: already trained for %d steps; nothing to do", out, done)
-            return final_dir
-        if done > cfg.train_steps:
-            raise InputError(f"{out}: holds a ControlNet trained for {done} steps, more than train_steps="
-                             f"{cfg.train_steps}; raise train_steps or use a new out folder.")
+    if already_trained(out, cfg.train_steps, (final_dir / "config.json").exists(), "a ControlNet"):
+        return final_dir
     start_step = resume_step(out, cfg.train_steps)
     pairs = load_training_pairs(cfg)
 
-    try:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                  mixed_precision=cfg.mixed_precision)
-    except ValueError as exc:  # e.g. fp16 without a GPU
-        raise InputError(f"mixed_precision={cfg.mixed_precision!r} cannot be used here ({exc}); "
-                         f"use mixed_precision: 'no' on CPU.") from None
+    accelerator, weight_dtype = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
     main = accelerator.is_main_process
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     components = load_inpaint_components(cfg.pretrained)
-    prediction_type = components.noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise InputError(f"{cfg.pretrained}: scheduler prediction_type {prediction_type!r} is not supported "
-                         f"(epsilon or v_prediction).")
-    vsf = components.vae_scale_factor
-    if cfg.resolution % vsf:
-        raise InputError(f"resolution {cfg.resolution} must be a multiple of the VAE scale factor {vsf}.")
+    prediction_type, _ = check_inpaint_model(components, cfg.pretrained, cfg.resolution)
 
     # Same seed -> same initial ControlNet (the hint encoder is randomly initialised).
     set_seed(cfg.seed)
@@ -453,8 +437,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
             module.to(accelerator.device)
         else:
             module.to(accelerator.device, dtype=weight_dtype)
-    vae, unet, noise_scheduler = components.vae, components.unet, components.noise_scheduler
-    scaling = vae.config.scaling_factor
+    unet = components.unet
 
     optimizer = torch.optim.AdamW(controlnet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
@@ -495,75 +478,21 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
 
     def loss_of(batch: dict[str, torch.Tensor], micro_step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
-        pixels = batch["pixels"].to(weight_dtype)
-        latent_mask = latent_region(batch["touched"], vsf)
-        masked = pixels * (1.0 - pixel_region(latent_mask, vsf).to(weight_dtype))
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
-            masked_latents = vae.encode(masked).latent_dist.sample(generator) * scaling
-        # Noise and timesteps drawn on the CPU: the same values on every device type.
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy, unet_input, timesteps, target = denoising_inputs(
+            components, batch["pixels"], batch["touched"], weight_dtype=weight_dtype, generator=generator,
+            prediction_type=prediction_type)
         control = batch["shape"].expand(-1, 3, -1, -1)
         down, mid = controlnet(noisy.float(), timesteps, encoder_hidden_states=batch["text"].float(),
                                controlnet_cond=control, return_dict=False)
-        unet_input = torch.cat([noisy, latent_mask.to(weight_dtype), masked_latents], dim=1)
         prediction = unet(unet_input, timesteps, encoder_hidden_states=batch["text"].to(weight_dtype),
                           down_block_additional_residuals=[d.to(weight_dtype) for d in down],
                           mid_block_additional_residual=mid.to(weight_dtype), return_dict=False)[0]
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         return F.mse_loss(prediction.float(), target.float())
 
-    def save_checkpoint(step: int) -> None:
-        folder = out / CHECKPOINTS_DIR
-        tmp = folder / f".step_{step}.tmp"
-        if main:
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        with quiet_accelerate():
-            accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if main:
-            # Rename only complete checkpoints, so a kill mid-save never leaves a step_N to resume from.
-            replace_dir(tmp, folder / f"step_{step}")
-            for old in checkpoint_steps(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    accumulation = cfg.gradient_accumulation_steps
-    log_rows: list[str] = []
-    with tqdm(total=cfg.train_steps, initial=start_step, desc="train ControlNet", unit="step",
-              disable=not (progress and main)) as bar:
-        for step in range(start_step, cfg.train_steps):
-            losses = []
-            for k in range(accumulation):
-                micro_step = step * accumulation + k
-                with accelerator.accumulate(controlnet):
-                    loss = loss_of(micro_batch(micro_step), micro_step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(controlnet.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-            value = sum(losses) / len(losses)
-            if not math.isfinite(value):
-                raise InputError(f"the training loss became {value} at step {step + 1}; lower learning_rate or use "
-                                 f"mixed_precision 'bf16'/'no' (the last checkpoint is kept).")
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            log_rows.append(f'{{"loss": {value!r}, "step": {step + 1}}}\n')
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
-                if main:
-                    with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
-                        handle.writelines(log_rows)
-                log_rows = []
-                save_checkpoint(done)
+    run_training_steps(accelerator, controlnet, optimizer, controlnet.parameters(), micro_batch=micro_batch,
+                       loss_of=loss_of, out=out, start_step=start_step, train_steps=cfg.train_steps,
+                       max_grad_norm=cfg.max_grad_norm, checkpoint_every=cfg.checkpoint_every,
+                       keep_checkpoints=cfg.keep_checkpoints, desc="train ControlNet", progress=progress)
 
     accelerator.wait_for_everyone()
     if main:

@@ -24,6 +24,8 @@ CHECKPOINTS_DIR = "checkpoints"
 CONFIG_RECORD = "train_config.json"
 STATE_RECORD = "train_state.json"
 LOSS_LOG = "train_log.jsonl"
+logger = logging.getLogger(__name__)
+
 RESUMABLE_KEYS = ("out", "train_steps", "checkpoint_every", "keep_checkpoints")
 
 
@@ -54,6 +56,21 @@ def checkpoint_steps(out: Path) -> list[int]:
         return []
     return sorted(int(p.name[5:]) for p in folder.iterdir()
                   if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit())
+
+
+def already_trained(out: Path, train_steps: int, result_exists: bool, what: str) -> bool:
+    """True when ``out`` holds a finished run of exactly ``train_steps`` (nothing to do); a finished run of more
+    steps is an error (``what``: "a ControlNet")."""
+    state = read_json_if_exists(out / STATE_RECORD)
+    if not (isinstance(state, dict) and result_exists):
+        return False
+    done = int(state.get("completed_steps", 0))
+    if done > train_steps:
+        raise InputError(f"{out}: holds {what} trained for {done} steps, more than train_steps={train_steps}; "
+                         f"raise train_steps or use a new out folder.")
+    if done == train_steps:
+        logger.info("%s: already trained for %d steps; nothing to do", out, done)
+    return done == train_steps
 
 
 def resume_step(out: Path, train_steps: int) -> int:

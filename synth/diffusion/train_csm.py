@@ -33,10 +33,7 @@ weights on the same hardware. Output: ``out/csm_adapter.safetensors`` + ``out/cs
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -58,14 +55,14 @@ from synth.diffusion.run_state import (
     CONFIG_RECORD,
     LOSS_LOG,
     STATE_RECORD,
+    already_trained,
     check_same_settings,
-    checkpoint_steps,
-    replace_dir,
+    resume_step,
     stream_seed,
     truncate_log,
 )
 from synth.errors import InputError
-from synth.io import read_json_if_exists, write_json
+from synth.io import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -197,56 +194,37 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
     require_diffusers()
     import torch
     import torch.nn.functional as F
-    from accelerate import Accelerator
-    from tqdm import tqdm
 
     from synth.diffusion.components import load_inpaint_components
-    from synth.diffusion.controlnet import encode_prompts, latent_region, pixel_region
+    from synth.diffusion.controlnet import encode_prompts
     from synth.diffusion.csm import ADAPTER_WEIGHTS, CSMAdapter, CSMTrainingModule, load_clip_encoder
+    from synth.diffusion.trainer import (
+        check_inpaint_model,
+        denoising_inputs,
+        make_accelerator,
+        run_training_steps,
+    )
 
     out = Path(cfg.out)
     record = cfg.model_dump(mode="json")
     check_same_settings(out, record, "a CSM adapter")
-    state = read_json_if_exists(out / STATE_RECORD)
-    if isinstance(state, dict) and (out / ADAPTER_WEIGHTS).is_file():
-        done = int(state.get("completed_steps", 0))
-        if done == cfg.train_steps:
-            logger.info("%s: already trained for %d steps; nothing to do", out, done)
-            return out
-        if done > cfg.train_steps:
-            raise InputError(f"{out}: holds an adapter trained for {done} steps, more than train_steps="
-                             f"{cfg.train_steps}; raise train_steps or use a new out folder.")
-    steps = checkpoint_steps(out)
-    if steps and steps[-1] > cfg.train_steps:
-        raise InputError(f"{out}: its newest checkpoint is step {steps[-1]}, beyond train_steps={cfg.train_steps}; "
-                         f"raise train_steps to at least {steps[-1]} or use a new out folder.")
-    start_step = steps[-1] if steps else 0
+    if already_trained(out, cfg.train_steps, (out / ADAPTER_WEIGHTS).is_file(), "an adapter"):
+        return out
+    start_step = resume_step(out, cfg.train_steps)
     pairs = load_defect_pairs(cfg.data, cfg.shots)
     by_class: dict[str, list[int]] = {}
     for i, pair in enumerate(pairs):
         by_class.setdefault(pair.defect_class, []).append(i)
 
-    try:
-        accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                                  mixed_precision=cfg.mixed_precision)
-    except ValueError as exc:  # e.g. fp16 without a GPU
-        raise InputError(f"mixed_precision={cfg.mixed_precision!r} cannot be used here ({exc}); "
-                         f"use mixed_precision: 'no' on CPU.") from None
+    accelerator, weight_dtype = make_accelerator(cfg.gradient_accumulation_steps, cfg.mixed_precision)
     main = accelerator.is_main_process
     device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # CLIP first: it is small, so a missing checkpoint fails before the large SD model is read.
     clip = load_clip_encoder(cfg.clip_model, cfg.clip_pretrained, cfg.clip_checkpoint, seed=cfg.seed).to(device)
     clip_size = clip.image_size[0]
     components = load_inpaint_components(cfg.pretrained)
-    prediction_type = components.noise_scheduler.config.prediction_type
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise InputError(f"{cfg.pretrained}: scheduler prediction_type {prediction_type!r} is not supported "
-                         f"(epsilon or v_prediction).")
-    vsf = components.vae_scale_factor
-    if cfg.resolution % vsf:
-        raise InputError(f"resolution {cfg.resolution} must be a multiple of the VAE scale factor {vsf}.")
+    prediction_type, _ = check_inpaint_model(components, cfg.pretrained, cfg.resolution)
 
     # The frozen parts go to the device (and precision) first: the processors installed below then stay float32.
     components.to(device, dtype=weight_dtype)
@@ -278,8 +256,7 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
     text_embeddings = encode_prompts(prompts, components.tokenizer, components.text_encoder, device)
     target_text = clip.encode_text(prompts)
     reference_text = clip.encode_text(references)
-    vae, unet, noise_scheduler = components.vae, components.unet, components.noise_scheduler
-    scaling = vae.config.scaling_factor
+    unet = components.unet
 
     def micro_batch(micro_step: int) -> dict[str, Any]:
         rng = np.random.default_rng([cfg.seed, micro_step, accelerator.process_index])
@@ -308,71 +285,18 @@ def train_csm(cfg: CSMTrainConfig, progress: bool = True) -> Path:
 
     def loss_of(batch: dict[str, Any], micro_step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(stream_seed(cfg.seed, micro_step, accelerator.process_index, 1))
-        pixels = batch["pixels"].to(weight_dtype)
-        latent_mask = latent_region(batch["touched"], vsf)
-        masked = pixels * (1.0 - pixel_region(latent_mask, vsf).to(weight_dtype))
-        with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator) * scaling
-            masked_latents = vae.encode(masked).latent_dist.sample(generator) * scaling
-        # Noise and timesteps drawn on the CPU: the same values on every device type.
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(latents.device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        sample = torch.cat([noisy, latent_mask.to(weight_dtype), masked_latents], dim=1)
+        _, sample, timesteps, target = denoising_inputs(
+            components, batch["pixels"], batch["touched"], weight_dtype=weight_dtype, generator=generator,
+            prediction_type=prediction_type)
         prediction = model(unet, sample, timesteps, batch["text"].to(weight_dtype), batch["clip"],
                            batch["ref_mask"], batch["keep"])
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
         return F.mse_loss(prediction.float(), target.float())
 
-    def save_checkpoint(step: int) -> None:
-        folder = out / CHECKPOINTS_DIR
-        tmp = folder / f".step_{step}.tmp"
-        if main:
-            folder.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
-        if main:
-            # Rename only complete checkpoints, so a kill mid-save never leaves a step_N to resume from.
-            replace_dir(tmp, folder / f"step_{step}")
-            for old in checkpoint_steps(out)[:-cfg.keep_checkpoints]:
-                shutil.rmtree(folder / f"step_{old}", ignore_errors=True)
-        accelerator.wait_for_everyone()
-
-    trainable = [p for p in adapter.parameters() if p.requires_grad]
-    accumulation = cfg.gradient_accumulation_steps
-    log_rows: list[str] = []
-    with tqdm(total=cfg.train_steps, initial=start_step, desc="train CSM adapter", unit="step",
-              disable=not (progress and main)) as bar:
-        for step in range(start_step, cfg.train_steps):
-            losses = []
-            for k in range(accumulation):
-                micro_step = step * accumulation + k
-                with accelerator.accumulate(model):
-                    loss = loss_of(micro_batch(micro_step), micro_step)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-            value = sum(losses) / len(losses)
-            if not math.isfinite(value):
-                raise InputError(f"the training loss became {value} at step {step + 1}; lower learning_rate or use "
-                                 f"mixed_precision 'bf16'/'no' (the last checkpoint is kept).")
-            bar.update(1)
-            bar.set_postfix(loss=f"{value:.4f}")
-            log_rows.append(json.dumps({"loss": value, "step": step + 1}, sort_keys=True) + "\n")
-            done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_steps:
-                if main:
-                    with open(out / LOSS_LOG, "a", encoding="utf-8") as handle:
-                        handle.writelines(log_rows)
-                log_rows = []
-                save_checkpoint(done)
+    run_training_steps(accelerator, model, optimizer, [p for p in adapter.parameters() if p.requires_grad],
+                       micro_batch=micro_batch, loss_of=loss_of, out=out, start_step=start_step,
+                       train_steps=cfg.train_steps, max_grad_norm=cfg.max_grad_norm,
+                       checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                       desc="train CSM adapter", progress=progress)
 
     accelerator.wait_for_everyone()
     if main:
