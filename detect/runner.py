@@ -42,8 +42,7 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     _recover_interrupted_fit(out)
     if (out / CONFIG_FILE).exists() and not force:
         raise InputError(f"{out}: already holds a saved model; pass --force to overwrite it or choose another --out.")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out}: exists and is a file; choose a folder for --out.")
+    check_output_folder(out)
     detector = create(name, **(options or {}))
     start = time.perf_counter()
     detector.fit(data, val, anomalies=anomalies, progress=progress)
@@ -53,7 +52,7 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     detector.save(staging)
     old = None
     if out.exists():
-        old = out.with_name(f".{out.name}.old")
+        old = _moved_aside(out)
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
     staging.rename(out)
@@ -66,9 +65,14 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     return detector
 
 
+def _moved_aside(out: Path) -> Path:
+    """Where ``fit_model`` moves the previous model while it swaps the new one in."""
+    return out.with_name(f".{out.name}.old")
+
+
 def _recover_interrupted_fit(out: Path) -> None:
     """Undo what a killed ``fit_model`` left beside ``out``: restore a moved-away model, drop staging folders."""
-    old = out.with_name(f".{out.name}.old")
+    old = _moved_aside(out)
     if old.is_dir():
         if not out.exists():
             old.rename(out)
@@ -76,9 +80,8 @@ def _recover_interrupted_fit(out: Path) -> None:
         else:
             shutil.rmtree(old, ignore_errors=True)
     if out.parent.is_dir():
-        for staging in out.parent.glob(f".{out.name}.*"):
-            if staging.is_dir() and staging.name != old.name and staging.name.startswith(f".{out.name}.stage-"):
-                shutil.rmtree(staging, ignore_errors=True)
+        for staging in out.parent.glob(f".{out.name}.stage-*"):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_output_folder(out: Path) -> None:
