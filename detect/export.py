@@ -32,6 +32,7 @@ opset, the exporter, library versions and the check's numbers; the same JSON is 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -174,9 +175,8 @@ def _export_graph(model: torch.nn.Module, example: torch.Tensor, path: Path, *, 
 
 def _device(model: torch.nn.Module) -> torch.device:
     """The device of the module's first parameter or buffer (CPU when it has neither)."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def _session(path: Path) -> Any:

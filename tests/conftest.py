@@ -18,6 +18,19 @@ def brick_set(tmp_path_factory):
     return make_texture_defect_set(tmp_path_factory.mktemp("brick_set"), texture="brick", seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):
+    small tensors run as fast on one thread, numbers do not depend on the core count (float reductions do), and a
+    busy 2-core machine does not stall on oversubscribed OpenMP threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def magnetic_tile() -> Path:
     if not MAGNETIC_TILE.is_dir():

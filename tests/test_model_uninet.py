@@ -37,14 +37,7 @@ LOSS_FACTOR = 0.85
 SHORT = {**CONFIG, "epochs": 2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: the measured numbers below do not depend on the core count (float
-    reductions do), and a busy 2-core machine does not stall on oversubscribed OpenMP threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
