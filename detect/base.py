@@ -11,6 +11,7 @@ Saved models are a folder: ``config.json`` (model name, config, calibration) and
 
 from __future__ import annotations
 
+import functools
 import logging
 import numbers
 import os
@@ -38,17 +39,13 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
-_FIELD_TYPES: dict[type, dict[str, Any]] = {}
-
-
+@functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
     """Resolved annotations of a config dataclass (cached; empty when they cannot be resolved)."""
-    if cls not in _FIELD_TYPES:
-        try:
-            _FIELD_TYPES[cls] = typing.get_type_hints(cls)
-        except (NameError, TypeError):  # an annotation only importable for type checkers: skip type checks
-            _FIELD_TYPES[cls] = {}
-    return _FIELD_TYPES[cls]
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation only importable for type checkers: skip type checks
+        return {}
 
 
 def _value_matches(value: Any, hint: Any) -> tuple[bool, str]:
