@@ -18,7 +18,6 @@ Cost: one tiny PaDiM fit (64 px) shared by the module; everything else fails dur
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -31,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tree_digest
 from PIL import Image
 
 from detect.cli import main as detect_main
@@ -65,12 +65,6 @@ BAD_FILES: dict[str, Callable[[bytes], tuple[str, bytes]]] = {
     "text": lambda good: ("bad.png", b"this is a text file, not an image\n"),
     "huge": lambda good: ("huge.png", png_claiming(100_000, 100_000)),
 }
-
-
-def sha_tree(root: Path) -> dict[str, str]:
-    """sha256 of every file under ``root`` by relative path."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -669,7 +663,7 @@ def test_generate_into_a_partial_run_keeps_its_files(paths, tmp_path, capsys, mo
 
     monkeypatch.setattr(generate_module, "build_generator", failing_build)
     assert "injected failure" in refused(base, capsys)
-    partial = sha_tree(out)
+    partial = tree_digest(out)
     assert sum(1 for name in partial if name.startswith("test/")) == 3
     manifest = (out / "manifest.jsonl").read_bytes()
 
@@ -679,12 +673,12 @@ def test_generate_into_a_partial_run_keeps_its_files(paths, tmp_path, capsys, mo
     for extra in (["--n", "-1"], ["--set", "threshold=abc"], ["--seed", "x"], ["--method", "paste"],
                   ["--strict", "--normal", str(paths["normals_trunc"])], ["--config", str(config)]):
         refused([*base, *extra], capsys)
-        assert sha_tree(out) == partial, extra
+        assert tree_digest(out) == partial, extra
 
     # A failure mid-way through the resumed run keeps every file already there, byte for byte.
     fail_at["call"] = 2
     assert "injected failure" in refused(base, capsys)
-    after = sha_tree(out)
+    after = tree_digest(out)
     assert sum(1 for name in after if name.startswith("test/")) == 4
     assert {k: after[k] for k in partial if k != "manifest.jsonl"} == {
         k: v for k, v in partial.items() if k != "manifest.jsonl"}
@@ -697,16 +691,16 @@ def test_generate_into_a_partial_run_keeps_its_files(paths, tmp_path, capsys, mo
 def test_fit_force_with_bad_input_keeps_the_saved_model(paths, model, tmp_path, capsys):
     out = tmp_path / "model"
     shutil.copytree(model, out)
-    before = sha_tree(out)
+    before = tree_digest(out)
     base = ["detect", "fit", "-q", "--force", "--model", "padim", "--out", str(out), "--image-size", "64"]
     for extra in (["--data", str(paths["normals_trunc"])], ["--data", str(paths["missing"])],
                   ["--data", str(paths["brick"]), "--set", "n_features=abc"],
                   ["--data", str(paths["brick"]), "--config", str(paths["syntax"])]):
         refused([*base, *extra], capsys)
-        assert sha_tree(out) == before, extra
+        assert tree_digest(out) == before, extra
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging folder left beside it
     refused(["detect", "fit", "-q", "--model", "padim", "--out", str(out), "--data", str(paths["brick"])], capsys)
-    assert sha_tree(out) == before
+    assert tree_digest(out) == before
 
 
 def test_predict_and_eval_with_bad_input_keep_existing_results(paths, model, tmp_path, capsys):
@@ -716,18 +710,18 @@ def test_predict_and_eval_with_bad_input_keep_existing_results(paths, model, tmp
     assert detect_main(["eval", "-q", "--model-dir", str(model), "--data", str(paths["brick"]),
                         "--out", str(out / "eval")]) == 0
     capsys.readouterr()
-    before = sha_tree(out)
+    before = tree_digest(out)
     assert "scores.csv" in before and "eval/metrics.json" in before
     for argv in (["--model-dir", str(paths["missing"]), good], ["--model-dir", str(model), str(paths["missing"])],
                  ["--model-dir", str(model), good, str(paths["missing"])],
                  ["--model-dir", str(paths["model_badjson"]), good], ["--model-dir", str(model), good,
                                                                       "--batch-size", "0"]):
         refused(["detect", "predict", "-q", "--out", str(out), *argv], capsys)
-        assert sha_tree(out) == before, argv
+        assert tree_digest(out) == before, argv
     for data in ("set_badimage", "set_badmask", "missing"):
         refused(["detect", "eval", "-q", "--model-dir", str(model), "--data", str(paths[data]),
                  "--out", str(out / "eval")], capsys)
-        assert sha_tree(out) == before, data
+        assert tree_digest(out) == before, data
 
 
 def test_pipeline_rerun_with_bad_config_keeps_finished_results(paths, tmp_path, capsys):
@@ -737,16 +731,16 @@ def test_pipeline_rerun_with_bad_config_keeps_finished_results(paths, tmp_path, 
     config.write_text(head)
     assert pipelines_main(["run", "-q", str(config)]) == 0
     capsys.readouterr()
-    before = sha_tree(out)
+    before = tree_digest(out)
     assert "report.html" in before and any(k.endswith("done.json") for k in before)
     for text in ("name: t\ndata: [unclosed\n", head.replace("n: 3", "n: -3"), head + "extra: 1\n",
                  head + "fewshot: {models: [nosuch]}\n"):
         config.write_text(text)
         refused(["pipelines", "run", "-q", str(config)], capsys)
-        assert sha_tree(out) == before, text
+        assert tree_digest(out) == before, text
     # Fails mid-way: the generate stage is reused, then the filter stage cannot find its real defects.
     config.write_text(head + f"filter: {{real_defects: {paths['missing']}, embedder: lite0, image_size: 32}}\n")
     assert "real defects folder not found" in refused(["pipelines", "run", "-q", str(config)], capsys)
-    after = sha_tree(out)
+    after = tree_digest(out)
     assert {k: after[k] for k in before} == before
     assert not any("done.json" in k for k in set(after) - set(before))  # the failed stage is not marked done

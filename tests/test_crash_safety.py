@@ -8,7 +8,6 @@ quiet 2-core machine (each test starts a dozen Python processes).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import tree_digest
 
 from detect.base import CONFIG_FILE, WEIGHTS_FILE, Detector
 from detect.runner import fit_model
@@ -29,12 +29,6 @@ from synth.toyset import load_texture, plant_defect, random_crop
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 FIT_OPTIONS = ["--image-size", "64", "--set", "blur_sigma=1"]
-
-
-def tree_digest(root: Path, *, skip: Callable[[Path], bool] = lambda p: False) -> dict[str, str]:
-    """sha256 of every file under ``root`` by relative path."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file() and not skip(p)}
 
 
 def leftovers(root: Path) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import tree_digest
 
 from synth import embedders
 from synth.config import GenerateConfig
@@ -51,11 +51,6 @@ def perlin_set(brick_set, tmp_path_factory) -> Path:
     generate(GenerateConfig(normal=brick_set.root / "train" / "good", out=out, method="perlin", n=12, seed=0),
              progress=False)
     return out
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------------
