@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from detect.calibration import CROSSFIT_MAX_NORMALS, CalibrationScores, augmented_views, fold_indices
 from detect.data import ImageInput, iter_batches, load_rgb, load_tensor, resize_mask, resolve_images
 from detect.threshold import Calibration, calibrate
 from synth.defect_set import DefectSet, read_defect_set
@@ -88,18 +89,29 @@ class DetectorConfig:
     """Settings every detector has; each model extends this dataclass with its own fields.
 
     image_size: square input size; every image is resized to it (see detect.data).
-    threshold_method: "auto", "f1" or "percentile" (see detect.threshold).
-    val_fraction: share of the training normals held out for threshold calibration when ``fit`` gets no
-        validation data (only when there are at least 5 training images).
-    synthetic_val: add synthetic anomalies (synth CutPaste + DRAEM) to validation data that has none, so the
-        F1 threshold always sees both classes.
+    threshold_method: "fpr" (default: the threshold for ``target_fpr`` on held-out normals), "auto", "f1" or
+        "percentile" (see detect.threshold and detect.calibration).
+    target_fpr: the false-positive rate on normal parts the "fpr" threshold aims at (default 5 %).
+    calibration: how normals are held out for the threshold when ``fit`` gets no validation data: "crossfit"
+        (fold models score the normals they did not see; the deployed model trains on all of them), "holdout"
+        (``val_fraction`` is held out of training) or "auto" (crossfit for models with ``cheap_refit`` and at most
+        ``detect.calibration.CROSSFIT_MAX_NORMALS`` normals, else holdout).
+    calibration_folds: folds of "crossfit" (leave-one-out when there are fewer normals).
+    calibration_views: augmented views scored per held-out normal (method "fpr").
+    val_fraction: share of the training normals held out by "holdout" (only when there are at least 5).
+    synthetic_val: add synthetic anomalies (synth CutPaste + DRAEM) made from the held-out normals to validation
+        data that has none: the F1 threshold's anomalous class, and the recall estimate of "fpr".
     """
 
     image_size: int = 256
     seed: int = 0
     batch_size: int = 16
-    threshold_method: str = "auto"
+    threshold_method: str = "fpr"
     threshold_percentile: float = 99.0
+    target_fpr: float = 0.05
+    calibration: str = "auto"
+    calibration_folds: int = 8
+    calibration_views: int = 2
     val_fraction: float = 0.2
     synthetic_val: bool = True
 
@@ -113,9 +125,14 @@ class DetectorConfig:
         self.check(self.seed >= 0, "seed", "an integer >= 0")
         self.check(self.image_size >= 32 and self.image_size % 8 == 0, "image_size", "a multiple of 8, >= 32")
         self.check(self.batch_size >= 1, "batch_size", ">= 1")
-        self.check(self.threshold_method in ("auto", "f1", "percentile"), "threshold_method",
-                   "'auto', 'f1' or 'percentile'")
+        self.check(self.threshold_method in ("fpr", "auto", "f1", "percentile"), "threshold_method",
+                   "'fpr', 'auto', 'f1' or 'percentile'")
         self.check(0 < self.threshold_percentile <= 100, "threshold_percentile", "in (0, 100]")
+        self.check(0 < self.target_fpr < 1, "target_fpr", "in (0, 1), e.g. 0.05")
+        self.check(self.calibration in ("auto", "crossfit", "holdout"), "calibration",
+                   "'auto', 'crossfit' or 'holdout'")
+        self.check(self.calibration_folds >= 2, "calibration_folds", "an integer >= 2")
+        self.check(self.calibration_views >= 0, "calibration_views", "an integer >= 0")
         self.check(0 <= self.val_fraction < 1, "val_fraction", "in [0, 1)")
         if hasattr(self, "layers"):  # BackboneConfig fields, checked once here for every CNN-feature model
             layers = self.layers
@@ -200,10 +217,24 @@ def resolve_anomalies(data: DefectSet | str | Path | AnomalySamples | Sequence[t
 
 @dataclass
 class ValidationData:
+    """Calibration images: held-out normals, their augmented views (``views`` True) and anomalies (``labels``)."""
+
     images: list[ImageInput]
     labels: np.ndarray
     masks: list[np.ndarray | None]
     anomalies_are: str = "real"
+    views: np.ndarray | None = None
+    scheme: str = "holdout"
+
+    def __post_init__(self) -> None:
+        if self.views is None:
+            self.views = np.zeros(len(self.images), bool)
+
+    @staticmethod
+    def concatenate(parts: list[ValidationData]) -> ValidationData:
+        return ValidationData([i for p in parts for i in p.images], np.concatenate([p.labels for p in parts]),
+                              [m for p in parts for m in p.masks], parts[0].anomalies_are,
+                              np.concatenate([p.views for p in parts]), parts[0].scheme)
 
 
 class Detector:
@@ -214,6 +245,9 @@ class Detector:
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     # True for models that can also train on labeled anomalies (fit(..., anomalies=...)).
     supports_anomalies: ClassVar[bool] = False
+    # True where a refit costs about one pass over the images (memory banks, statistics): calibration="auto"
+    # then cross-fits the threshold instead of holding normals out of training (see detect.calibration).
+    cheap_refit: ClassVar[bool] = False
 
     def __init__(self, _loading: bool = False, **config: Any):
         # _loading: built by detect.load(), whose weights file replaces every tensor, so pretrained
@@ -231,6 +265,7 @@ class Detector:
             raise ConfigError(f"{self.name}: invalid option value ({exc}); check the values given with --set / "
                               f"--config against the option types in {type(self).__module__}.") from None
         self.calibration: Calibration | None = None
+        self.calibration_scores: CalibrationScores | None = None  # what the last fit's threshold came from
         self.fitted = False
         # Labeled anomalies for this fit (None: normal images only); read by supervised models' _fit.
         self.train_anomalies: AnomalySamples | None = None
@@ -254,15 +289,16 @@ class Detector:
     def fit(self, train: DefectSet | str | Path | list[ImageInput], val: DefectSet | str | Path | list | None = None,
             *, anomalies: DefectSet | str | Path | AnomalySamples | Sequence[tuple[ImageInput, Any]] | None = None,
             progress: bool = True, calibrate: bool = True) -> Detector:
-        """Train on normal images, then calibrate the threshold on validation data.
+        """Train on normal images, then calibrate the threshold (see :mod:`detect.calibration`).
 
         ``train``: a defect set / MVTec folder (its ``train/good``), an image folder or a list of images.
         ``val``: a defect set / MVTec folder (its ``test`` split, labels and masks used), or normal images;
-        when omitted, ``val_fraction`` of the training normals is held out (5 or more images).
+        when omitted, the training normals are cross-fitted or ``val_fraction`` of them is held out
+        (``calibration``).
         ``anomalies``: labeled anomalous images (real, or synthetic from ``synth generate``) for models with
         ``supports_anomalies`` (supervised training); see :func:`resolve_anomalies` for the accepted forms.
         ``calibrate=False``: train on every image and set no threshold (``calibration`` stays None; ``val`` is
-        ignored), for callers that choose thresholds themselves (e.g. ``pipelines.fewshot``).
+        ignored), for callers that choose thresholds themselves.
         """
         if anomalies is not None and not self.supports_anomalies:
             from detect.registry import get_model_class, list_models
@@ -270,28 +306,67 @@ class Detector:
             able = [n for n in list_models() if get_model_class(n).supports_anomalies]
             raise InputError(f"{self.name} trains on normal images only and cannot use anomalies=; models that "
                              f"train on labeled anomalies: {', '.join(able) or 'none registered'}.")
-        self.train_anomalies = resolve_anomalies(anomalies) if anomalies is not None else None
+        resolved = resolve_anomalies(anomalies) if anomalies is not None else None
         images = resolve_images(train)
-        torch.manual_seed(self.config.seed)
+        scheme = self.calibration_scheme(len(images), val) if calibrate else None
         held_out: list[ImageInput] = []
-        if calibrate and val is None and len(images) >= 5 and self.config.val_fraction > 0:
+        if scheme == "holdout":
             order = np.random.default_rng(self.config.seed).permutation(len(images))
             n_val = max(1, int(round(self.config.val_fraction * len(images))))
             held_out = [images[i] for i in sorted(order[:n_val])]
             images = [images[i] for i in sorted(order[n_val:])]
+        self._train(images, resolved, progress)
+        self.calibration = self.calibration_scores = None
+        if scheme == "crossfit":
+            data, scores, maps = self._crossfit(images, resolved, progress)
+            self.calibration = self._calibration_from(data, scores, maps)
+        elif scheme is not None:
+            data = self._validation_data(val, held_out or images, scheme=scheme)
+            self.calibration = self._calibrate(data)
+        return self
+
+    def calibration_scheme(self, n_images: int, val: Any = None) -> str:
+        """How ``fit`` holds normals out for the threshold: "val", "crossfit", "holdout" or "in-sample"."""
+        if val is not None:
+            return "val"
+        wanted = self.config.calibration
+        if wanted == "auto":
+            wanted = "crossfit" if self.cheap_refit and n_images <= CROSSFIT_MAX_NORMALS else "holdout"
+        if wanted == "crossfit" and n_images >= 2:
+            return "crossfit"
+        if n_images >= 5 and self.config.val_fraction > 0:
+            return "holdout"
+        return "in-sample"  # too few images to hold any out; the threshold's warning says so
+
+    def _train(self, images: list[ImageInput], anomalies: AnomalySamples | None, progress: bool) -> None:
+        torch.manual_seed(self.config.seed)
+        self.train_anomalies = anomalies
         try:
             self._fit(images, progress)
         finally:
             self.train_anomalies = None  # paths/arrays of one fit are not kept on the detector
         self.model.eval()
         self.fitted = True
-        self.calibration = None
-        if calibrate:
-            self.calibration = self._calibrate(self._validation_data(val, held_out or images))
-        return self
 
-    def _validation_data(self, val: DefectSet | str | Path | list | None, fallback: list[ImageInput]
-                         ) -> ValidationData:
+    def _crossfit(self, images: list[ImageInput], anomalies: AnomalySamples | None, progress: bool
+                  ) -> tuple[ValidationData, np.ndarray, np.ndarray]:
+        """Score every normal with a copy of this detector fitted on the other folds (not on that normal)."""
+        folds = fold_indices(len(images), self.config.calibration_folds, self.config.seed)
+        parts, scores, maps = [], [], []
+        for fold in tqdm(folds, desc=f"{self.name} calibration folds", unit="fold", disable=not progress):
+            inside = set(fold.tolist())
+            clone = type(self)(**asdict(self.config))
+            clone._train([image for i, image in enumerate(images) if i not in inside], anomalies, progress=False)
+            data = self._validation_data([images[i] for i in fold], [], scheme=f"crossfit-{len(folds)}",
+                                         seed=[self.config.seed, int(fold[0])])
+            prediction = clone._predict_raw(data.images)
+            parts.append(data)
+            scores.append(prediction.scores)
+            maps.append(prediction.anomaly_maps)
+        return ValidationData.concatenate(parts), np.concatenate(scores), np.concatenate(maps)
+
+    def _validation_data(self, val: DefectSet | str | Path | list | None, fallback: list[ImageInput], *,
+                         scheme: str = "holdout", seed: Any = None) -> ValidationData:
         if isinstance(val, (str, Path)) and Path(val).is_dir() and (Path(val) / "test").is_dir():
             val = read_defect_set(val)
         if isinstance(val, DefectSet):
@@ -299,28 +374,39 @@ class Detector:
             images = [val.image_path(s) for s in samples]
             labels = np.array([s.is_anomalous for s in samples])
             masks = [val.load_mask(s) if s.is_anomalous and s.mask is not None else None for s in samples]
-            data = ValidationData(images, labels, masks)
+            data = ValidationData(images, labels, masks, scheme=scheme)
         else:
             images = resolve_images(val) if val is not None else list(fallback)
-            data = ValidationData(images, np.zeros(len(images), bool), [None] * len(images))
+            data = ValidationData(images, np.zeros(len(images), bool), [None] * len(images), scheme=scheme)
+        seed = self.config.seed if seed is None else seed
+        if self.config.threshold_method == "fpr" and self.config.calibration_views > 0:
+            data = add_views(data, self.config.calibration_views, seed=seed)
         if not data.labels.any() and self.config.synthetic_val and self.config.threshold_method != "percentile":
-            data = add_synthetic_anomalies(data, seed=self.config.seed)
+            data = add_synthetic_anomalies(data, seed=seed)
         return data
 
     def _calibrate(self, data: ValidationData) -> Calibration:
         prediction = self._predict_raw(data.images, progress=False)
+        return self._calibration_from(data, prediction.scores, prediction.anomaly_maps)
+
+    def _calibration_from(self, data: ValidationData, scores: np.ndarray, maps: np.ndarray) -> Calibration:
+        """The calibration for validation data scored as ``scores`` / ``maps`` (one per image of ``data``)."""
         size = self.config.image_size
         anomalous = data.labels
+        normal = ~anomalous & ~data.views
         masks = [resize_mask(m, size) if m is not None else np.zeros((size, size), bool) for m in data.masks]
         have_masks = all(m is not None for m, a in zip(data.masks, anomalous, strict=True) if a)
+        self.calibration_scores = CalibrationScores(scores[normal], scores[data.views], scores[anomalous],
+                                                    data.anomalies_are, data.scheme)
         return calibrate(
-            prediction.scores[~anomalous], prediction.scores[anomalous] if anomalous.any() else None,
+            scores[normal], scores[anomalous] if anomalous.any() else None,
             method=self.config.threshold_method, q=self.config.threshold_percentile,
-            normal_maps=prediction.anomaly_maps[~anomalous],
-            anomalous_maps=prediction.anomaly_maps[anomalous] if anomalous.any() and have_masks else None,
+            normal_maps=maps[~anomalous],
+            anomalous_maps=maps[anomalous] if anomalous.any() and have_masks else None,
             anomalous_masks=np.stack([masks[i] for i in np.flatnonzero(anomalous)])
             if anomalous.any() and have_masks else None,
-            anomalies_are=data.anomalies_are,
+            anomalies_are=data.anomalies_are, target_fpr=self.config.target_fpr,
+            view_scores=scores[data.views], scheme=data.scheme,
         )
 
     @torch.no_grad()
@@ -394,7 +480,27 @@ class Detector:
         self.model.eval()
 
 
-def add_synthetic_anomalies(data: ValidationData, *, seed: int) -> ValidationData:
+def _seed_list(seed: Any) -> list[int]:
+    return [int(s) for s in np.atleast_1d(seed)]
+
+
+def add_views(data: ValidationData, count: int, *, seed: Any) -> ValidationData:
+    """Append ``count`` augmented views (detect.calibration.augmented_views) of every validation normal."""
+    images: list[ImageInput] = list(data.images)
+    views = list(data.views)
+    for index, (item, anomalous) in enumerate(zip(data.images, data.labels, strict=True)):
+        if anomalous or data.views[index]:
+            continue
+        rng = np.random.default_rng([*_seed_list(seed), index, 5])
+        made = augmented_views(load_rgb(item), count, rng)
+        images += made
+        views += [True] * len(made)
+    extra = len(images) - len(data.images)
+    return ValidationData(images, np.r_[data.labels, np.zeros(extra, bool)], list(data.masks) + [None] * extra,
+                          data.anomalies_are, np.array(views, dtype=bool), data.scheme)
+
+
+def add_synthetic_anomalies(data: ValidationData, *, seed: Any) -> ValidationData:
     """Append one synthetic anomaly per validation normal (CutPaste and DRAEM alternately), from synth."""
     from synth.augment import AUGMENTERS
 
@@ -402,11 +508,16 @@ def add_synthetic_anomalies(data: ValidationData, *, seed: int) -> ValidationDat
     images: list[ImageInput] = list(data.images)
     labels = list(data.labels)
     masks = list(data.masks)
+    views = list(data.views)
     for index, item in enumerate(data.images):
-        rng = np.random.default_rng([seed, index, 7])
+        if data.views[index]:
+            continue
+        rng = np.random.default_rng([*_seed_list(seed), index, 7])
         result = makers[index % 2](load_rgb(item), rng)
         if result.mask.any():
             images.append(result.image)
             labels.append(True)
             masks.append(result.mask)
-    return ValidationData(images, np.array(labels, dtype=bool), masks, anomalies_are="synthetic")
+            views.append(False)
+    return ValidationData(images, np.array(labels, dtype=bool), masks, "synthetic", np.array(views, dtype=bool),
+                          data.scheme)

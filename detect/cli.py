@@ -69,6 +69,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     metrics = evaluate_model(args.model_dir, args.data, args.out, progress=not args.quiet)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}, indent=2))
+    threshold = metrics.get("threshold")
+    if threshold:  # the decision's operating point, beside AUROC
+        line = (f"at the model's threshold ({threshold['method']}): false-positive rate "
+                f"{threshold['false_positive_rate']:.3f}, recall {threshold['recall']:.3f}")
+        if threshold.get("target_fpr") is not None:
+            line += f"; target false-positive rate {threshold['target_fpr']:.3f}"
+        if threshold.get("roc_recall_at_target") is not None:
+            line += f", recall at that rate on the ROC {threshold['roc_recall_at_target']:.3f}"
+        if threshold.get("estimated_recall") is not None:
+            line += f", expected recall from calibration {threshold['estimated_recall']:.3f}"
+        print(line)
     return 0
 
 

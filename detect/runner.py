@@ -19,6 +19,7 @@ import cv2
 import numpy as np
 
 from detect.base import CONFIG_FILE, WEIGHTS_FILE, Detector
+from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_map, resize_mask
 from detect.metrics import auroc, evaluate, roc_points
 from detect.registry import create, load
@@ -59,9 +60,12 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     calibration = detector.calibration
-    logger.info("fitted %s in %.1f s; threshold %.4g (%s); saved to %s", name, elapsed,
-                calibration.image_threshold if calibration else float("nan"),
-                calibration.method if calibration else "none", out)
+    logger.info("fitted %s in %.1f s; saved to %s", name, elapsed, out)
+    if calibration is not None:
+        # The decision the user deploys, with its operating point: printed, not only logged.
+        print(f"{name}: {calibration.describe()}")
+        if calibration.warning:
+            print(f"warning: {calibration.warning}")
     return detector
 
 
@@ -213,8 +217,11 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     partial.unlink(missing_ok=True)
     errors = sum(1 for r in rows.values() if r["error"])
     flagged = sum(1 for r in rows.values() if r["anomalous"] == "1")
-    print(f"scored {len(rows) - errors} images ({flagged} anomalous at the calibrated threshold) -> {out}/scores.csv"
-          + (f"; {errors} unreadable, see the error column" if errors else ""))
+    point = ""
+    if calibration is not None and calibration.target_fpr is not None:
+        point = f", set for a {calibration.target_fpr:.1%} false-positive rate on normals"
+    print(f"scored {len(rows) - errors} images ({flagged} anomalous at the calibrated threshold{point}) -> "
+          f"{out}/scores.csv" + (f"; {errors} unreadable, see the error column" if errors else ""))
     return out / "scores.csv"
 
 
@@ -264,16 +271,23 @@ def evaluate_detector(detector: Detector, data: str | Path, *, progress: bool = 
         chosen = np.array([s.defect_class in (GOOD, defect_class) for s in samples])
         per_class[defect_class] = auroc(prediction.scores[chosen], labels[chosen])
     metrics["per_class_image_auroc"] = per_class
-    if detector.calibration is not None:
-        predicted = prediction.scores >= detector.calibration.image_threshold
-        tp = int((predicted & labels).sum())
+    calibration = detector.calibration
+    if calibration is not None:
+        predicted = prediction.scores >= calibration.image_threshold
+        point = operating_point(prediction.scores, labels, calibration.image_threshold)
         metrics["threshold"] = {
-            "method": detector.calibration.method,
-            "value": detector.calibration.image_threshold,
-            "precision": tp / max(int(predicted.sum()), 1),
-            "recall": tp / max(int(labels.sum()), 1),
-            "false_positive_rate": int((predicted & ~labels).sum()) / max(int((~labels).sum()), 1),
+            "method": calibration.method,
+            "value": calibration.image_threshold,
+            "precision": point["precision"] or 0.0,
+            "recall": point["recall"] or 0.0,
+            "false_positive_rate": point["fpr"] or 0.0,
             "accuracy": float((predicted == labels).mean()),
+            # What the calibration promised, beside what the test split measures.
+            "target_fpr": calibration.target_fpr,
+            "estimated_recall": calibration.estimated_recall,
+            "roc_recall_at_target": oracle_recall(prediction.scores, labels, calibration.target_fpr)
+            if calibration.target_fpr is not None and labels.any() and (~labels).any() else None,
+            "calibration_warning": calibration.warning,
         }
     metrics["roc"] = roc_points(prediction.scores, labels) if labels.any() and (~labels).any() else None
     return metrics

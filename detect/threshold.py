@@ -1,14 +1,17 @@
 """Thresholds and score normalisation.
 
-Two ways to set the image threshold, chosen by ``method``:
+Ways to set the image threshold, chosen by ``method``:
 
+- ``"fpr"`` (default): the threshold for a target false-positive rate on normals, from held-out normal scores
+  of every shot (cross-fitted or held out, see :mod:`detect.calibration`), with the recall it is expected to
+  reach measured on the calibration anomalies.
 - ``"f1"``: the F1-optimal threshold between normal validation scores and anomalous ones (real labeled
   anomalies when the validation data has them, otherwise synthetic anomalies made by ``synth`` from the
   validation normals). The threshold is placed halfway between the chosen anomalous score and the highest
   normal score below it, so it does not sit on a sample.
 - ``"percentile"``: the ``q``-th percentile of normal validation scores (default 99), for when no
   anomalies of any kind should be used.
-- ``"auto"`` (default): ``"f1"`` when anomalous validation scores exist, else ``"percentile"``.
+- ``"auto"``: ``"f1"`` when anomalous validation scores exist, else ``"percentile"``.
 
 Why it cannot collapse (Anomalib's known failure, a threshold fixed at the minimum score or at 0 when the
 validation set has no anomalies): the threshold is always computed from scores of *held-out* normal images
@@ -27,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from detect.calibration import fpr_threshold
 from detect.metrics import f1_max
 from synth.errors import InputError
 
@@ -44,6 +48,16 @@ class Calibration:
     pixel_max: float | None = None
     num_normal: int = 0
     num_anomalous: int = 0
+    # The operating point (method "fpr"; None for the other methods and for models saved before it existed).
+    target_fpr: float | None = None
+    estimated_recall: float | None = None  # share of the calibration anomalies at or above the threshold
+    calibration_fpr: float | None = None  # share of the held-out normals (and views) at or above it
+    num_views: int = 0
+    tail: str | None = None  # "empirical", "lognormal" or "normal" (see detect.calibration.fpr_threshold)
+    normals_needed: int | None = None
+    scheme: str | None = None  # how the normals were held out: "crossfit-<folds>", "holdout", "val", "in-sample"
+    anomalies_are: str | None = None
+    warning: str | None = None
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         span = max(self.score_max - self.score_min, 1e-12)
@@ -61,6 +75,17 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Calibration:
         return cls(**data)
+
+    def describe(self) -> str:
+        """The decision in words: threshold, how it was set and its operating point (CLI output, logs)."""
+        text = f"threshold {self.image_threshold:.4g} ({self.method}"
+        if self.target_fpr is not None:
+            text += (f", target false-positive rate {self.target_fpr:.1%}; {self.num_normal} held-out normal "
+                     f"image(s) [{self.scheme}], tail {self.tail}")
+            if self.estimated_recall is not None:
+                text += (f"; expected recall {self.estimated_recall:.1%} on {self.num_anomalous} "
+                         f"{self.anomalies_are} anomalies")
+        return text + ")"
 
 
 def percentile_threshold(normal_scores: np.ndarray, q: float = 99.0) -> float:
@@ -92,20 +117,30 @@ def _subsample_pixels(values: np.ndarray, limit: int = 2_000_000, seed: int = 0)
 
 def calibrate(normal_scores: np.ndarray, anomalous_scores: np.ndarray | None = None, *, method: str = "auto",
               q: float = 99.0, normal_maps: np.ndarray | None = None, anomalous_maps: np.ndarray | None = None,
-              anomalous_masks: np.ndarray | None = None, anomalies_are: str = "real") -> Calibration:
+              anomalous_masks: np.ndarray | None = None, anomalies_are: str = "real",
+              target_fpr: float = 0.05, view_scores: np.ndarray | None = None, scheme: str | None = None
+              ) -> Calibration:
     """Compute a :class:`Calibration` from validation scores (and maps for the pixel threshold).
 
     ``anomalies_are`` ("real" or "synthetic") is recorded in ``method`` so reports say where it came from.
+    ``target_fpr``, ``view_scores`` (scores of augmented views of the normals) and ``scheme`` are used by
+    method ``"fpr"``; the anomalies only estimate its recall there.
     """
     normal = np.asarray(normal_scores, dtype=np.float64).ravel()
     anomalous = np.asarray(anomalous_scores if anomalous_scores is not None else [], dtype=np.float64).ravel()
     if normal.size == 0:
         raise InputError("threshold calibration needs at least one normal validation image.")
-    if method not in ("auto", "f1", "percentile"):
-        raise InputError(f"threshold method {method!r}: choose 'auto', 'f1' or 'percentile'.")
+    if method not in ("auto", "fpr", "f1", "percentile"):
+        raise InputError(f"threshold method {method!r}: choose 'fpr', 'auto', 'f1' or 'percentile'.")
     if method == "auto":
         method = "f1" if anomalous.size else "percentile"
-    if method == "f1":
+    views = np.asarray(view_scores if view_scores is not None else [], dtype=np.float64).ravel()
+    tail = None
+    if method == "fpr":
+        tail = fpr_threshold(normal, views, target_fpr)
+        all_scores = np.r_[normal, views, anomalous]
+        threshold, name = tail.threshold, f"fpr-{target_fpr:g}"
+    elif method == "f1":
         if anomalous.size == 0:
             raise InputError("threshold method 'f1' needs anomalous validation images (real or synthetic).")
         all_scores = np.r_[normal, anomalous]
@@ -120,7 +155,17 @@ def calibrate(normal_scores: np.ndarray, anomalous_scores: np.ndarray | None = N
                          "(check the training data and image size).")
     calibration = Calibration(image_threshold=threshold, method=name, score_min=float(all_scores.min()),
                               score_max=float(all_scores.max()), num_normal=int(normal.size),
-                              num_anomalous=int(anomalous.size))
+                              num_anomalous=int(anomalous.size), scheme=scheme)
+    if tail is not None:
+        held_out = np.r_[normal, views]
+        calibration.target_fpr = float(target_fpr)
+        calibration.estimated_recall = float((anomalous >= threshold).mean()) if anomalous.size else None
+        calibration.calibration_fpr = float((held_out >= threshold).mean())
+        calibration.num_views = int(views.size)
+        calibration.tail = tail.tail
+        calibration.normals_needed = tail.normals_needed
+        calibration.anomalies_are = anomalies_are if anomalous.size else None
+        calibration.warning = tail.warning
     if normal_maps is not None:
         normal_pixels = _subsample_pixels(np.asarray(normal_maps, dtype=np.float32).ravel())
         if anomalous_maps is not None and anomalous_masks is not None and np.asarray(anomalous_masks).any():

@@ -10,13 +10,16 @@ Shots
     the sets are nested (the 1-shot image is inside the 2-shot set, ...). ``"all"`` is the whole pool. A k larger
     than the pool gives a skipped row. The model seed is ``seed + r`` too.
 
-Calibration normals
-    A user with k normal images must also set the threshold with them. With k >= ``holdout_min`` (5), the last
-    ``round(holdout_fraction * k)`` shots (default 20 %, at least one) are held out of fitting and are the
-    calibration normals; with fewer shots the model fits on all k and the calibration normals are those same
-    training shots (in-sample scores: for memory-bank models they sit near 0, which is what such a user gets).
-    This is ``Detector.fit``'s own rule (``val_fraction``); the pipeline applies it itself so every synthetic mode
-    sees exactly the same split.
+Calibration (one mechanism with ``detect fit``: :mod:`detect.calibration`)
+    A user with k normal images must also set the threshold with them. Each detector calibrates itself as
+    ``Detector.fit`` does, with ``threshold_method="fpr"`` and the pipeline's ``target_fpr``: memory-bank models
+    (``cheap_refit``) are cross-fitted (fold models score the shots they did not see; the evaluated model is
+    fitted on all k), other models hold ``holdout_fraction`` of the shots out of training (k >= 5), and with one
+    shot the threshold comes from in-sample scores and views, with a warning. The threshold is the one for the
+    target false-positive rate on normals; its expected recall is estimated on synthetic anomalies (CutPaste /
+    DRAEM) made from the held-out shots. Every cell reports the decision's operating point on the real test
+    split (false-positive rate and recall at the threshold) beside the calibration's own estimate and the recall
+    the ROC reaches at the target rate (``oracle_recall``: the best any threshold could do there).
 
 Synthetic set
     Generated once (``synth.generate``, method ``synthetic_method``, ``synthetic_n`` samples, seed ``seed``)
@@ -30,24 +33,23 @@ Synthetic set
     only in the detector weights, and "train" never calibrates on anomalies it was trained on.
 
 Synthetic modes
-    - ``none``: fit on the k shots (minus the held-out calibration normals); the threshold is
-      ``detect.threshold.percentile_threshold`` (``threshold_percentile``, default the 99th) of the calibration
-      normals' scores: normals only, no anomaly of any kind.
+    - ``none``: fit on the k shots; the threshold is the detector's own calibration (above): normals only set it.
     - ``threshold``: the *same fitted model* as ``none`` (one fit serves both cells); the threshold is
-      ``detect.threshold.f1_optimal_threshold`` on the calibration normals + the calibration anomalies. The weights
-      do not change, so image/pixel AUROC equal those of ``none`` exactly; image F1 changes.
+      ``detect.threshold.f1_optimal_threshold`` on the held-out normal scores of the calibration + the synthetic
+      set's calibration anomalies (scored by the evaluated model). The weights do not change, so image/pixel
+      AUROC equal those of ``none`` exactly; only the decision changes.
     - ``train``: only for models with ``supports_anomalies`` (supersimplenet, draem, uninet): fit with
-      ``anomalies=`` the training anomalies (``AnomalySamples``, source "synthetic"), threshold as in
-      ``threshold``. Other models get a skipped row naming the reason. DRAEM always trains on its own simulated
-      anomalies; "train" adds the synthetic set as its labeled-anomaly source (``real_anomaly_ratio`` of the
-      batch slots). The detectors' own calibration (``Detector.calibration``) is switched off: the pipeline sets
-      every threshold itself, as above.
+      ``anomalies=`` the training anomalies (``AnomalySamples``, source "synthetic"), threshold as in ``none``.
+      Other models get a skipped row naming the reason. DRAEM always trains on its own simulated anomalies;
+      "train" adds the synthetic set as its labeled-anomaly source (``real_anomaly_ratio`` of the batch slots).
 
 Metrics per cell (on the real test split, all of it or ``max_test`` images per class, chosen with
 ``default_rng(seed)``): image AUROC, pixel AUROC and AUPRO (when every test defect has a mask; maps at the model
 input size), image AP, image F1 / precision / recall / false-positive rate *at the chosen threshold* (the F1 a
 user gets, not F1-max, which is reported beside it as ``image_f1_max``), the threshold and how it was chosen,
-fit seconds and ROC points (``detect.metrics.roc_points``, thinned to at most 200 points).
+the target and estimated operating point (``target_fpr``, ``estimated_recall``, ``threshold_warning``), the
+recall at the target rate on the ROC (``oracle_recall``), fit seconds and ROC points
+(``detect.metrics.roc_points``, thinned to at most 200 points).
 
 Rows: one per (model, synthetic, k), in that order, with the mean over repeats (``<metric>_std`` too when
 ``repeats`` > 1); ``roc["<model>|<synthetic>|k=<k>"]`` is repeat 0's curve.
@@ -80,9 +82,10 @@ from tqdm import tqdm
 
 from detect import registry
 from detect.base import AnomalySamples
+from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_mask
 from detect.metrics import evaluate, roc_points
-from detect.threshold import f1_optimal_threshold, percentile_threshold
+from detect.threshold import f1_optimal_threshold
 from synth.config import GENERATE_METHODS, GenerateConfig, StrictModel, validate_config
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import InputError
@@ -91,19 +94,19 @@ from synth.io import copy_file, list_images, read_json_if_exists, write_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_MODES", "FewShotConfig", "calibration_split", "fewshot_table", "run_fewshot", "shot_order"]
+__all__ = ["SYNTHETIC_MODES", "FewShotConfig", "fewshot_table", "oracle_recall", "run_fewshot", "shot_order"]
 
 SYNTHETIC_MODES = ("none", "threshold", "train")
-# Detector options the pipeline sets itself: image size and seed per cell, and the calibration it does itself.
-OWNED_OPTIONS = ("image_size", "seed", "threshold_method", "synthetic_val", "val_fraction")
+# Detector options the pipeline sets itself: image size and seed per cell, and the calibration settings.
+OWNED_OPTIONS = ("image_size", "seed", "threshold_method", "synthetic_val", "val_fraction", "target_fpr")
 ROC_LIMIT = 200
 CELLS_DIR = "cells"
 SUMMARY_FILE = "fewshot.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Cell metrics averaged over repeats (and given a ``_std`` when there are several).
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1", "image_precision", "image_recall",
-           "image_fpr", "image_f1_max", "threshold", "fit_s")
-STD_METRICS = ("image_auroc", "pixel_auroc", "image_f1")
+           "image_fpr", "oracle_recall", "estimated_recall", "image_f1_max", "threshold", "fit_s")
+STD_METRICS = ("image_auroc", "pixel_auroc", "image_f1", "image_fpr", "image_recall")
 
 Shot = int | Literal["all"]
 
@@ -140,9 +143,10 @@ class FewShotConfig(StrictModel):
     repeats: int = Field(1, ge=1, description="shot subsets per k, seeds seed + r")
     seed: int = Field(0, ge=0)
     max_test: int | None = Field(None, gt=0, description="most test images per class (seeded subsample)")
-    threshold_percentile: float = Field(99.0, gt=0, le=100, description="percentile of mode 'none'")
-    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="shots held out as calibration normals")
-    holdout_min: int = Field(5, ge=2, description="hold out only from this many shots on")
+    target_fpr: float = Field(0.05, gt=0, lt=1, description="false-positive rate on normals the threshold aims at")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1,
+                                    description="shots held out as calibration normals by models that do not "
+                                                "cross-fit (detector val_fraction)")
     strict: bool = Field(False, description="raise on the first failing cell instead of recording it")
 
     @field_validator("models")
@@ -240,15 +244,6 @@ class FewShotConfig(StrictModel):
 def shot_order(n_train: int, seed: int) -> list[int]:
     """Indices of the sorted training pool in shot order: the k-shot set is the first k (nested by construction)."""
     return [int(i) for i in np.random.default_rng(seed).permutation(n_train)]
-
-
-def calibration_split(shots: list[Any], fraction: float, minimum: int) -> tuple[list[Any], list[Any]]:
-    """(fit images, calibration normals): the last ``round(fraction * k)`` shots (>= 1) held out when k >=
-    ``minimum``, else every shot fits and calibrates (see the module docstring)."""
-    if fraction > 0 and len(shots) >= minimum:
-        held = max(1, round(fraction * len(shots)))
-        return list(shots[:-held]), list(shots[-held:])
-    return list(shots), list(shots)
 
 
 def _hash(obj: Any) -> str:
@@ -423,12 +418,9 @@ def _thin_roc(points: dict[str, list[float]], limit: int = ROC_LIMIT) -> dict[st
 
 def _at_threshold(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
     """F1, precision, recall and false-positive rate of ``score >= threshold`` (Detector.predict's rule)."""
-    predicted = scores >= threshold
-    tp = int((predicted & labels).sum())
-    fp = int((predicted & ~labels).sum())
-    fn = int((~predicted & labels).sum())
-    return {"image_f1": 2 * tp / max(2 * tp + fp + fn, 1), "image_precision": tp / max(tp + fp, 1),
-            "image_recall": tp / max(tp + fn, 1), "image_fpr": fp / max(int((~labels).sum()), 1)}
+    point = operating_point(scores, labels, threshold)
+    return {"image_f1": point["f1"], "image_precision": point["precision"] or 0.0,
+            "image_recall": point["recall"] or 0.0, "image_fpr": point["fpr"] or 0.0}
 
 
 @dataclass
@@ -450,47 +442,51 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
               synthetic: _Synthetic | None) -> dict[str, dict[str, Any]]:
     """Fit one detector and evaluate it for each of ``unit.modes``; returns {mode: cell}."""
     seed = cfg.seed + unit.repeat
-    fit_images, cal_normals = calibration_split(shots, cfg.holdout_fraction, cfg.holdout_min)
-    options = {**cfg.model_options.get(unit.model, {}), "image_size": cfg.image_size, "seed": seed}
-    # The pipeline sets its thresholds itself (below), so the detector's own calibration is switched off: it would
-    # only cost predictions, and it refuses degenerate validation scores (e.g. 1 shot, a barely trained model)
-    # that the pipeline reports as numbers instead.
-    options.update(threshold_method="percentile", synthetic_val=False)
+    options = {**cfg.model_options.get(unit.model, {}), "image_size": cfg.image_size, "seed": seed,
+               "threshold_method": "fpr", "target_fpr": cfg.target_fpr, "synthetic_val": True,
+               "val_fraction": cfg.holdout_fraction}
     detector = registry.create(unit.model, **options)
     anomalies = synthetic.train if unit.with_anomalies and synthetic is not None else None
     start = time.perf_counter()
-    detector.fit(fit_images, anomalies=anomalies, progress=False, calibrate=False)
+    detector.fit(shots, anomalies=anomalies, progress=False)
     fit_s = time.perf_counter() - start
+    calibration, held_out = detector.calibration, detector.calibration_scores
+    assert calibration is not None and held_out is not None
 
     test = detector.predict(data.test)
     metrics = evaluate(test.scores, data.labels, test.anomaly_maps if data.masks is not None else None, data.masks)
-    normal_scores = detector.predict(cal_normals).scores
-    uses_synthetic = synthetic is not None and any(m != "none" for m in unit.modes)
+    uses_synthetic = synthetic is not None and "threshold" in unit.modes
     synthetic_scores = detector.predict(synthetic.calibration).scores if uses_synthetic else None
+    fit_images = len(shots) if held_out.scheme != "holdout" else len(shots) - calibration.num_normal
     base = {
         "model": unit.model, "k": unit.k, "k_images": len(shots), "repeat": unit.repeat, "seed": seed,
-        "fit_images": len(fit_images), "calibration_normals": len(cal_normals),
-        "calibration_in_sample": len(fit_images) == len(shots),
+        "fit_images": fit_images, "calibration_normals": calibration.num_normal,
+        "calibration_scheme": held_out.scheme, "calibration_in_sample": held_out.scheme == "in-sample",
         "train_anomalies": len(anomalies) if anomalies is not None else 0,
         "image_auroc": _finite(metrics["image_auroc"]), "image_ap": _finite(metrics["image_ap"]),
         "image_f1_max": _finite(metrics["image_f1_max"]),
         "pixel_auroc": _finite(metrics.get("pixel_auroc")), "aupro": _finite(metrics.get("aupro")),
+        "target_fpr": cfg.target_fpr, "oracle_recall": oracle_recall(test.scores, data.labels, cfg.target_fpr),
         "fit_s": fit_s, "roc": _thin_roc(roc_points(test.scores, data.labels)),
         "shots": [p.name for p in shots], "skipped": None,
     }
     cells = {}
     for mode in unit.modes:
-        if mode == "none":
-            threshold = percentile_threshold(normal_scores, cfg.threshold_percentile)
-            method, n_anomalous = f"percentile-{cfg.threshold_percentile:g}", 0
+        if mode in ("none", "train"):
+            threshold, method = calibration.image_threshold, calibration.method
+            extra = {"calibration_anomalies": calibration.num_anomalous,
+                     "estimated_recall": calibration.estimated_recall, "threshold_tail": calibration.tail,
+                     "threshold_warning": calibration.warning}
         else:
             assert synthetic_scores is not None
-            scores = np.r_[normal_scores, synthetic_scores]
-            labels = np.r_[np.zeros(len(normal_scores), bool), np.ones(len(synthetic_scores), bool)]
-            threshold, method, n_anomalous = f1_optimal_threshold(scores, labels), "f1-synthetic", len(synthetic_scores)
+            scores = np.r_[held_out.normal, synthetic_scores]
+            labels = np.r_[np.zeros(len(held_out.normal), bool), np.ones(len(synthetic_scores), bool)]
+            threshold, method = f1_optimal_threshold(scores, labels), "f1-synthetic"
+            extra = {"calibration_anomalies": len(synthetic_scores),
+                     "estimated_recall": float((synthetic_scores >= threshold).mean()), "threshold_tail": None,
+                     "threshold_warning": None}
         cells[mode] = {**base, "synthetic": mode, "threshold": float(threshold), "threshold_method": method,
-                       "calibration_anomalies": n_anomalous,
-                       **_at_threshold(test.scores, data.labels, float(threshold))}
+                       **extra, **_at_threshold(test.scores, data.labels, float(threshold))}
     return cells
 
 
@@ -509,7 +505,8 @@ def _aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
     first = cells[0]
     row = {key: first.get(key) for key in ("model", "k", "k_images", "synthetic", "threshold_method",
                                            "fit_images", "calibration_normals", "calibration_anomalies",
-                                           "calibration_in_sample", "train_anomalies", "seed")}
+                                           "calibration_scheme", "calibration_in_sample", "train_anomalies",
+                                           "target_fpr", "threshold_warning", "seed")}
     row["seeds"] = [c["seed"] for c in cells]
     row["repeats"] = len(cells)
     done = [c for c in cells if not c.get("skipped") and not c.get("error")]
@@ -577,7 +574,7 @@ def run_fewshot(cfg: FewShotConfig, workdir: Path, *, progress: bool = True) -> 
                     "version": CACHE_VERSION, "model": unit.model, "mode": mode, "k": unit.k, "repeat": unit.repeat,
                     "options": cfg.model_options.get(unit.model, {}), "image_size": cfg.image_size,
                     "seed": cfg.seed + unit.repeat, "shots": _files(shots, data.root), "test": data.test_files,
-                    "holdout": [cfg.holdout_fraction, cfg.holdout_min], "percentile": cfg.threshold_percentile,
+                    "holdout": cfg.holdout_fraction, "target_fpr": cfg.target_fpr,
                     "synthetic": synthetic.fingerprint if synthetic is not None and mode != "none" else None,
                 })
             cached = {}
@@ -648,15 +645,18 @@ def _fmt(value: Any, std: Any = None) -> str:
     return f"{text}±{std:.3f}" if std is not None else text
 
 
-def fewshot_table(result: dict[str, Any], metrics: tuple[str, ...] = ("image_auroc", "image_f1")) -> str:
+def fewshot_table(result: dict[str, Any],
+                  metrics: tuple[str, ...] = ("image_auroc", "image_fpr", "image_recall")) -> str:
     """Markdown table of a ``run_fewshot`` result: rows model x synthetic mode, columns k; each cell shows
-    ``metrics`` joined by " / " (default image AUROC / image F1 at the chosen threshold)."""
+    ``metrics`` joined by " / " (default image AUROC / false-positive rate / recall at the chosen threshold)."""
     rows = result.get("rows") or []
     shots = list(result.get("shots") or dict.fromkeys(r["k"] for r in rows))
     sizes = {str(r["k"]): r.get("k_images") for r in rows if r.get("k_images") is not None}
     header = [f"k={k}" + (f" ({sizes[str(k)]})" if k == "all" and str(k) in sizes else "") for k in shots]
     labels = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "image_ap": "image AP",
-              "image_f1": "image F1 at the chosen threshold", "image_f1_max": "image F1-max"}
+              "image_f1": "image F1 at the chosen threshold", "image_f1_max": "image F1-max",
+              "image_fpr": "false-positive rate at the chosen threshold", "image_recall": "recall at it",
+              "oracle_recall": "recall at the target rate on the ROC"}
     lines = [f"Each cell: {' / '.join(labels.get(m, m.replace('_', ' ')) for m in metrics)}.", "",
              "| model | synthetic | " + " | ".join(header) + " |",
              "|---|---|" + "---:|" * len(shots)]

@@ -246,8 +246,10 @@ def _summary(result: dict[str, Any]) -> str:
                 continue  # skipped or failed cell
             key = (str(row.get("model")), str(row.get("synthetic")))
             best[key] = row  # rows come in shot order, so the last one is the largest k
-        text = "; ".join(f"{m} ({s}) k={r.get('k')}: {_num(r.get('image_auroc'))}" for (m, s), r in best.items())
-        lines.append(f"Few-shot detection, image AUROC at the largest k: {text}.")
+        text = "; ".join(f"{m} ({s}) k={r.get('k')}: {_num(r.get('image_auroc'))}, FPR {_num(r.get('image_fpr'))} "
+                         f"/ recall {_num(r.get('image_recall'))}" for (m, s), r in best.items())
+        lines.append(f"Few-shot detection at the largest k, image AUROC and the decision's false-positive rate / "
+                     f"recall at the tool's threshold on the real test split: {text}.")
     real = result.get("realism")
     if real and real.get("sets"):
         text = "; ".join(f"{name}: KID {_num(m.get('kid_mean'), 4)}, IC-LPIPS {_num(m.get('ic_lpips'))}"
@@ -312,8 +314,9 @@ def _fewshot_curves(few: dict[str, Any]) -> str | None:
     if not rows or not shots:
         return None
     plt = _pyplot()
-    metrics = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"), ("image_f1", "image F1"))
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), squeeze=False)
+    metrics = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
+               ("image_fpr", "false-positive rate at the threshold"), ("image_recall", "recall at the threshold"))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), squeeze=False)
     lines: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         lines.setdefault((str(row.get("model")), str(row.get("synthetic"))), []).append(row)
@@ -354,8 +357,12 @@ def _fewshot(result: dict[str, Any]) -> str:
     if not rows:
         return _note("the few-shot pipeline returned no results.")
     table_rows = [[str(r.get("model")), str(r.get("synthetic")), _shot_label(r.get("k")), r.get("k_images"),
-                   r.get("image_auroc"), r.get("pixel_auroc"), r.get("image_f1"), r.get("threshold"),
-                   r.get("fit_s"), r.get("seed"), str(r.get("skipped") or r.get("error") or "")] for r in rows]
+                   r.get("image_auroc"), r.get("pixel_auroc"), r.get("target_fpr"), r.get("image_fpr"),
+                   r.get("image_recall"), r.get("oracle_recall"), r.get("estimated_recall"), r.get("image_f1"),
+                   r.get("threshold"), r.get("fit_s"), r.get("seed"),
+                   str(r.get("skipped") or r.get("error") or ("few normals: extrapolated threshold"
+                                                             if r.get("threshold_warning") else ""))]
+                  for r in rows]
     # Bold the best image AUROC per (model, k).
     bold = set()
     groups: dict[tuple[str, str], list[int]] = {}
@@ -365,12 +372,18 @@ def _fewshot(result: dict[str, Any]) -> str:
         scored = [i for i in members if isinstance(rows[i].get("image_auroc"), (int, float))]
         if len(scored) > 1:
             bold.add((max(scored, key=lambda i: rows[i]["image_auroc"]), 4))
-    parts = ["<p>Synthetic: <b>none</b> = normal shots only; <b>threshold</b> = synthetic anomalies set the "
-             "decision threshold; <b>train</b> = synthetic anomalies also train models that accept labeled "
+    parts = ["<p>Synthetic: <b>none</b> = normal shots only (the threshold is set for the target false-positive "
+             "rate on held-out normal scores); <b>threshold</b> = synthetic anomalies set the decision threshold "
+             "(F1-optimal); <b>train</b> = synthetic anomalies also train models that accept labeled "
              "anomalies. <b>none</b> and <b>threshold</b> share one fitted model, so their AUROCs are equal; "
-             "their F1 differs. Evaluated on the real test split. Bold: best image AUROC per model and k.</p>",
-             _table(["model", "synthetic", "k", "normal images", "image AUROC", "pixel AUROC", "image F1",
-                     "threshold", "fit s", "seed", "note"], table_rows, numeric_from=3, bold=bold)]
+             "their decisions differ. The decision's operating point is measured on the real test split: "
+             "<b>FPR</b> = share of good test parts flagged, <b>recall</b> = share of test defects flagged, "
+             "<b>ROC recall</b> = the recall any threshold reaches at the target rate (set on the test split "
+             "itself: the bound), <b>expected recall</b> = the calibration's own estimate on synthetic anomalies. "
+             "Bold: best image AUROC per model and k.</p>",
+             _table(["model", "synthetic", "k", "normal images", "image AUROC", "pixel AUROC", "target FPR",
+                     "FPR at threshold", "recall at threshold", "ROC recall at target", "expected recall",
+                     "image F1", "threshold", "fit s", "seed", "note"], table_rows, numeric_from=3, bold=bold)]
     counts = few.get("test_counts") or {}
     if counts:
         good = int(counts.get("good", 0))
@@ -382,8 +395,8 @@ def _fewshot(result: dict[str, Any]) -> str:
         parts.append(f"<p>Synthetic set: {_esc(few['synthetic_set'])}</p>")
     uri = _fewshot_curves(few)
     if uri:
-        parts.append(_img(uri, "few-shot curves", "image AUROC, pixel AUROC and image F1 against the number of "
-                                                  "normal shots"))
+        parts.append(_img(uri, "few-shot curves", "image AUROC, pixel AUROC, and false-positive rate and recall "
+                                                  "at the threshold, against the number of normal shots"))
     return "".join(parts)
 
 

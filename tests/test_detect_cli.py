@@ -26,7 +26,12 @@ def test_fit_writes_a_loadable_model(fitted):
     assert sorted(p.name for p in fitted.iterdir()) == ["config.json", "model.safetensors"]
     model = detect.load(fitted)
     assert model.name == "padim" and model.config.image_size == 64
-    assert model.calibration is not None and model.calibration.method == "f1-synthetic"
+    calibration = model.calibration
+    assert calibration is not None and calibration.method == "fpr-0.05" and calibration.scheme == "crossfit-8"
+    # The operating point is saved with the model: target, expected recall on synthetic anomalies, the warning.
+    assert calibration.target_fpr == 0.05 and calibration.anomalies_are == "synthetic"
+    assert calibration.num_normal == 16 and calibration.num_views == 32
+    assert 0 <= calibration.estimated_recall <= 1 and "76 normal images" in calibration.warning
 
 
 def test_predict_writes_scores_and_overlays(fitted, brick_set, tmp_path):
@@ -182,5 +187,9 @@ def test_fit_without_calibration_trains_on_every_image_and_sets_no_threshold(bri
     assert model.fitted and model.calibration is None
     prediction = model.predict(sorted((brick_set.root / "test" / "good").iterdir())[:2])
     assert prediction.labels is None and prediction.scores.shape == (2,)
-    model.fit(brick_set.root, progress=False)  # the default holds out 20 % of the 16 normals to calibrate on
-    assert seen == [16, 13] and model.calibration is not None
+    model.fit(brick_set.root, progress=False)  # default: the deployed model on all 16, then 8 fold models on 14
+    assert seen == [16, 16] + [14] * 8 and model.calibration is not None
+    seen.clear()
+    model = detect.create("padim", image_size=64, blur_sigma=1, calibration="holdout")
+    model.fit(brick_set.root, progress=False)  # holdout: 20 % of the 16 normals kept out of training
+    assert seen == [13] and model.calibration.scheme == "holdout" and model.calibration.num_normal == 3

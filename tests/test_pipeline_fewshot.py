@@ -11,8 +11,9 @@ import pytest
 
 from detect import registry
 from detect.base import Detector
+from detect.calibration import oracle_recall
 from pipelines import fewshot
-from pipelines.fewshot import FewShotConfig, calibration_split, fewshot_table, run_fewshot, shot_order
+from pipelines.fewshot import FewShotConfig, fewshot_table, run_fewshot, shot_order
 from synth.config import validate_config
 from synth.defect_set import read_defect_set
 from synth.errors import ConfigError, InputError
@@ -24,9 +25,9 @@ SHOTS = [1, 4, "all"]
 # take the synthetic anomalies; its numbers at this budget are near chance and not asserted.
 DRAEM_TINY = {"epochs": 2, "batch_size": 4, "reconstructive_width": 8, "discriminative_width": 8}
 SYNTHETIC_N = 16
-# Image AUROC of PaDiM with all 16 shots (13 fit + 3 calibration normals), seed 0, on the 24 test crops (8 good,
-# 16 defects): measured 0.914 (k=1: 0.719, k=4: 0.852). Chance is 0.5; the bar leaves a 0.21 margin below the
-# measurement and is 0.2 above chance.
+# Image AUROC of PaDiM with all 16 shots (13 fit + 3 calibration normals when this was measured), seed 0, on the
+# 24 test crops (8 good, 16 defects): measured 0.914 (k=1: 0.719, k=4: 0.852). Chance is 0.5; the bar leaves a
+# 0.21 margin below the measurement and is 0.2 above chance.
 PADIM_ALL_BAR = 0.7
 ROW_KEYS = {"model", "k", "k_images", "synthetic", "image_auroc", "pixel_auroc", "image_f1", "threshold", "fit_s",
             "seed"}
@@ -83,7 +84,9 @@ def test_threshold_mode_keeps_weights_and_uses_synthetic_anomalies(run):
             # Same fitted model: identical ranking metrics, only the threshold (and F1) may differ.
             for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "fit_s"):
                 assert thr[key] == none[key], (model, k, key)
-            assert none["threshold_method"] == "percentile-99" and none["calibration_anomalies"] == 0
+            # "none": the detector's own threshold for the target false-positive rate (normals set it; the
+            # detector's synthetic anomalies made from the held-out shots only estimate its recall).
+            assert none["threshold_method"] == "fpr-0.05" and none["target_fpr"] == 0.05
             assert thr["threshold_method"] == "f1-synthetic"
             assert thr["calibration_anomalies"] == round(0.25 * len(anomalies))
     # The two thresholds are chosen from different data: they differ somewhere.
@@ -101,8 +104,8 @@ def test_train_mode_skips_unsupervised_models_and_trains_supervised(run):
         assert padim["image_auroc"] is None and f"padim|train|k={k}" not in result["roc"]
         draem = rows[("draem", "train", k)]
         assert draem["skipped"] is None and draem["image_auroc"] is not None
-        assert draem["train_anomalies"] + draem["calibration_anomalies"] == len(anomalies)
-        assert draem["threshold_method"] == "f1-synthetic"
+        assert draem["train_anomalies"] == len(anomalies) - round(0.25 * len(anomalies))
+        assert draem["threshold_method"] == "fpr-0.05"
     assert fewshot_table(result).count("skipped") == 3
 
 
@@ -116,13 +119,25 @@ def test_shots_are_nested_and_calibration_split(run, brick_set):
     assert [len(s) for s in sets] == [1, 4, 16]
     assert sets[0] == order[:1] and sets[1] == order[:4] and sorted(sets[2]) == sorted(order)
     assert shot_order(16, 0) == shot_order(16, 0) and shot_order(16, 0) != shot_order(16, 1)
-    # Fewer than 5 shots: every shot fits and calibrates; from 5 on, the last 20 % are held out.
-    assert calibration_split(list("abcd"), 0.2, 5) == (list("abcd"), list("abcd"))
-    assert calibration_split(list("abcdefghij"), 0.2, 5) == (list("abcdefgh"), list("ij"))
+    # PaDiM (a cheap refit) is cross-fitted: it fits on every shot and every shot is a held-out calibration
+    # normal; DRAEM holds 20 % of the shots out from 5 on, and with 1 or 4 shots calibrates in-sample.
     rows = _rows(result)
-    assert (rows[("padim", "none", "4")]["fit_images"], rows[("padim", "none", "4")]["calibration_normals"]) == (4, 4)
-    assert (rows[("padim", "none", "all")]["fit_images"], rows[("padim", "none", "all")]["calibration_normals"]) \
+    for k, scheme in (("1", "in-sample"), ("4", "crossfit-4"), ("all", "crossfit-8")):
+        padim = rows[("padim", "none", k)]
+        assert padim["fit_images"] == padim["calibration_normals"] == padim["k_images"]
+        assert padim["calibration_scheme"] == scheme
+    assert (rows[("draem", "none", "all")]["fit_images"], rows[("draem", "none", "all")]["calibration_normals"]) \
         == (13, 3)
+    assert rows[("draem", "none", "4")]["calibration_scheme"] == "in-sample"
+    assert all(rows[(m, "none", k)]["threshold_warning"] for m in ("padim", "draem") for k in map(str, SHOTS))
+
+
+def test_oracle_recall_is_the_roc_point_at_the_target_rate():
+    labels = np.array([False] * 20 + [True] * 4)
+    scores = np.r_[np.arange(20), [18.5, 19.5, 25, 30]].astype(float)
+    # 5 % of 20 normals = 1 may be flagged (19): everything above 18 is flagged -> 4 of 4 anomalies.
+    assert oracle_recall(scores, labels, 0.05) == 1.0
+    assert oracle_recall(scores, labels, 0.01) == 0.75  # no normal may be flagged: above 19 -> 3 of 4
 
 
 def test_padim_beats_chance_with_all_shots(run):
@@ -181,7 +196,8 @@ def test_fewshot_table(run):
     assert lines[2] == "| model | synthetic | k=1 | k=4 | k=all (16) |"
     assert len(lines) == 4 + 6
     row = _rows(run[2])[("padim", "none", "all")]
-    assert "| padim | none | " in table and f"{row['image_auroc']:.3f} / {row['image_f1']:.3f}" in table
+    cell = f"{row['image_auroc']:.3f} / {row['image_fpr']:.3f} / {row['image_recall']:.3f}"
+    assert "| padim | none | " in table and cell in table
 
 
 def test_given_synthetic_set_and_failing_cells(brick_set, tmp_path, monkeypatch):

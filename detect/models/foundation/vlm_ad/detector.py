@@ -101,6 +101,8 @@ class VlmAdConfig(DetectorConfig):
     workers: int = 4
     cache: bool = True
     verdict_threshold: bool = False
+    # Each view would be one more request per validation image: off for a model behind an API.
+    calibration_views: int = 0
     device: str = "auto"
     dtype: str = "auto"
 

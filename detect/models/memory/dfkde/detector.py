@@ -49,6 +49,7 @@ class Dfkde(Detector):
 
     name = "dfkde"
     paradigm = "memory"
+    cheap_refit = True
     Config = DfkdeConfig
     config: DfkdeConfig
 

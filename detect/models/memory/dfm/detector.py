@@ -50,6 +50,7 @@ class Dfm(Detector):
 
     name = "dfm"
     paradigm = "memory"
+    cheap_refit = True
     Config = DfmConfig
     config: DfmConfig
 

@@ -44,6 +44,7 @@ class Padim(Detector):
 
     name = "padim"
     paradigm = "memory"
+    cheap_refit = True
     Config = PadimConfig
     config: PadimConfig
 

@@ -188,6 +188,7 @@ class Patchcore(Detector):
 
     name = "patchcore"
     paradigm = "memory"
+    cheap_refit = True
     Config = PatchcoreConfig
     config: PatchcoreConfig
 
