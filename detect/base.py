@@ -27,7 +27,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from detect.calibration import CROSSFIT_MAX_NORMALS, CalibrationScores, augmented_views, fold_indices
+from detect.calibration import (
+    CROSSFIT_MAX_NORMALS,
+    CalibrationScores,
+    atypical_normals,
+    augmented_views,
+    fold_indices,
+)
 from detect.data import ImageInput, iter_batches, load_rgb, load_tensor, resize_mask, resolve_images
 from detect.threshold import Calibration, calibrate
 from synth.defect_set import DefectSet, read_defect_set
@@ -398,7 +404,7 @@ class Detector:
         have_masks = all(m is not None for m, a in zip(data.masks, anomalous, strict=True) if a)
         self.calibration_scores = CalibrationScores(scores[normal], scores[data.views], scores[anomalous],
                                                     data.anomalies_are, data.scheme)
-        return calibrate(
+        calibration = calibrate(
             scores[normal], scores[anomalous] if anomalous.any() else None,
             method=self.config.threshold_method, q=self.config.threshold_percentile,
             normal_maps=maps[~anomalous],
@@ -408,6 +414,16 @@ class Detector:
             anomalies_are=data.anomalies_are, target_fpr=self.config.target_fpr,
             view_scores=scores[data.views], scheme=data.scheme,
         )
+        if calibration.target_fpr is not None:
+            images = [data.images[i] for i in np.flatnonzero(normal)]
+            names = [_image_name(images[i], i) for i in atypical_normals(scores[normal])]
+            if names:
+                calibration.atypical_normals = names
+                note = (f"{len(names)} normal image(s) score far above the other held-out normals "
+                        f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): check that they are good "
+                        f"parts; they raise the threshold.")
+                calibration.warning = f"{calibration.warning} {note}" if calibration.warning else note
+        return calibration
 
     @torch.no_grad()
     def _predict_raw(self, images: Any, *, batch_size: int | None = None, progress: bool = False) -> Prediction:
@@ -478,6 +494,10 @@ class Detector:
                 module._buffers[leaf] = torch.empty_like(value)
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
+
+
+def _image_name(item: ImageInput, index: int) -> str:
+    return Path(item).name if isinstance(item, (str, Path)) else f"array #{index}"
 
 
 def _seed_list(seed: Any) -> list[int]:

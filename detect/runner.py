@@ -284,6 +284,7 @@ def evaluate_detector(detector: Detector, data: str | Path, *, progress: bool = 
             "accuracy": float((predicted == labels).mean()),
             # What the calibration promised, beside what the test split measures.
             "target_fpr": calibration.target_fpr,
+            "calibration_fpr": calibration.calibration_fpr,  # share of the held-out normals flagged at fit time
             "estimated_recall": calibration.estimated_recall,
             "roc_recall_at_target": oracle_recall(prediction.scores, labels, calibration.target_fpr)
             if calibration.target_fpr is not None and labels.any() and (~labels).any() else None,

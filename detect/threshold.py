@@ -58,6 +58,7 @@ class Calibration:
     scheme: str | None = None  # how the normals were held out: "crossfit-<folds>", "holdout", "val", "in-sample"
     anomalies_are: str | None = None
     warning: str | None = None
+    atypical_normals: list[str] | None = None  # held-out normals that score like outliers (named in the warning)
 
     def normalize(self, scores: np.ndarray) -> np.ndarray:
         span = max(self.score_max - self.score_min, 1e-12)

@@ -15,6 +15,7 @@ import pytest
 
 import detect
 from detect.calibration import (
+    atypical_normals,
     augmented_views,
     fold_indices,
     fpr_threshold,
@@ -72,6 +73,23 @@ def test_too_few_normals_give_an_honest_warning():
     assert one.threshold > 1.1 and "one image" in one.warning
     with pytest.raises(InputError, match="target_fpr"):
         fpr_threshold(np.array([1.0, 2.0]), None, 1.5)
+
+
+def test_atypical_normals_are_the_outlying_high_scores():
+    scores = np.array([26.0, 27.1, 27.5, 28.0, 28.6, 29.5, 30.4, 31.0, 53.0])
+    assert atypical_normals(scores).tolist() == [8]
+    assert atypical_normals(scores[:-1]).size == 0 and atypical_normals(scores[:4]).size == 0  # < 5: none
+
+
+def test_a_defective_part_among_the_shots_is_named(brick_set):
+    shots = sorted(brick_set.image_path(s) for s in brick_set.select(split="train"))[:11]
+    defect = next(brick_set.image_path(s) for s in brick_set.select(split="test", anomalous=True)
+                  if s.defect_class == "spot")
+    model = detect.create("patchcore", image_size=64).fit([*shots, defect], progress=False)
+    assert model.calibration.atypical_normals == [defect.name]
+    assert f"({defect.name}): check that they are good parts" in model.calibration.warning
+    clean = detect.create("patchcore", image_size=64).fit(shots, progress=False)
+    assert clean.calibration.atypical_normals is None
 
 
 def test_views_are_mild_and_seeded():
