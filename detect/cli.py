@@ -8,6 +8,8 @@ Subcommands:
   models     list registered models
   backbone   load a backbone offline and print its feature maps
   export     export a saved model to ONNX, checked against PyTorch with onnxruntime
+  classify   defect-class classifier: classify fit | predict | eval | export
+  inspect    a saved detector and classifier together: defective?, where, which defect (CSV, overlays, HTML)
 """
 
 from __future__ import annotations
@@ -131,6 +133,77 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from detect.classify.runner import evaluate_classifier, fit_classifier, predict_classes
+
+    if args.classify_command == "fit":
+        options = parse_options(args.config, args.set, args.image_size)
+        if args.include_good:
+            options["include_good"] = True
+        fit_classifier(args.data, args.out, synthetic=args.synthetic or [], options=options,
+                       progress=not args.quiet, force=args.force)
+    elif args.classify_command == "predict":
+        predict_classes(args.model_dir, args.images, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                        progress=not args.quiet)
+    elif args.classify_command == "eval":
+        metrics = evaluate_classifier(args.model_dir, args.data, args.out, progress=not args.quiet)
+        per_class = ", ".join(f"{c} {'-' if v is None else f'{v:.3f}'}" for c, v in metrics["per_class"].items())
+        print(f"balanced accuracy {metrics['balanced_accuracy']:.3f}, accuracy {metrics['overall_accuracy']:.3f} "
+              f"on {metrics['n_images']} images (per class: {per_class}); ECE {metrics['reliability']['ece']:.3f}"
+              + (f"; not in the model: {metrics['unseen_classes']}" if metrics["unseen_classes"] else ""))
+    elif args.classify_command == "export":
+        from detect.classify.export import METADATA_FILE, export_classifier_onnx
+
+        out = export_classifier_onnx(args.model_dir, args.out, opset=args.opset, check=not args.no_check)
+        print(f"wrote {out} and {out.parent / METADATA_FILE}")
+    else:
+        raise ConfigError("detect classify needs a subcommand: fit, predict, eval or export (see detect classify -h).")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from detect.inspect import inspect_images
+
+    inspect_images(args.detector, args.classifier, args.images, args.out, batch_size=args.batch_size,
+                   overlays=not args.no_overlays, top_k=args.top_k, progress=not args.quiet)
+    return 0
+
+
+def _add_classify_parser(sub: Any) -> None:
+    parser = sub.add_parser("classify", help="defect-class classifier: fit | predict | eval | export")
+    commands = parser.add_subparsers(dest="classify_command", metavar="SUBCOMMAND")
+    fit = commands.add_parser("fit", help="train on labeled defect sets and save the classifier")
+    fit.add_argument("--data", type=Path, action="append", required=True,
+                     help="real labeled defect set (MVTec layout: test/<class>/), repeatable")
+    fit.add_argument("--synthetic", type=Path, action="append",
+                     help="synthetic defect set (synth generate output), repeatable; weight: --set synthetic_weight=W")
+    fit.add_argument("--include-good", action="store_true", help="add the normal images as a class 'good'")
+    fit.add_argument("--out", type=Path, required=True, help="classifier folder to write")
+    fit.add_argument("--force", action="store_true", help="overwrite an existing classifier folder")
+    fit.add_argument("--config", type=Path, help="YAML with classifier options (detect.classify.ClassifierConfig)")
+    fit.add_argument("--set", action="append", metavar="KEY=VALUE", help="classifier option, repeatable")
+    fit.add_argument("--image-size", type=int, help="square input size")
+    add_common_arguments(fit)
+    pred = commands.add_parser("predict", help="classify images; writes predictions.csv")
+    pred.add_argument("--model-dir", type=Path, required=True)
+    pred.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
+    pred.add_argument("--out", type=Path, required=True)
+    pred.add_argument("--top-k", type=int, default=3, help="classes listed per image (default 3)")
+    pred.add_argument("--batch-size", type=int, default=32)
+    add_common_arguments(pred)
+    ev = commands.add_parser("eval", help="accuracy, confusion matrix and reliability on a labeled defect set")
+    ev.add_argument("--model-dir", type=Path, required=True)
+    ev.add_argument("--data", type=Path, required=True, help="labeled defect set (test/<class>/)")
+    ev.add_argument("--out", type=Path, help="folder for metrics.json, confusion.png, reliability.png")
+    add_common_arguments(ev)
+    exp = commands.add_parser("export", help="export the classifier to ONNX (checked against PyTorch)")
+    exp.add_argument("--model-dir", type=Path, required=True)
+    exp.add_argument("--out", type=Path, help="file to write (default: MODEL_DIR/model.onnx)")
+    exp.add_argument("--opset", type=int, default=18)
+    exp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch check")
+    add_common_arguments(exp)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML with model options (and optionally `model:`)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="model option, repeatable")
@@ -198,13 +271,24 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--rtol", type=float, default=None,
                      help="check tolerance relative to the score scale (default 1e-4; per-model for a few)")
     add_common_arguments(exp)
+    _add_classify_parser(sub)
+    ins = sub.add_parser("inspect", help="detector + classifier: defective?, where, which defect")
+    ins.add_argument("--detector", type=Path, required=True, help="model folder written by `detect fit`")
+    ins.add_argument("--classifier", type=Path, required=True, help="folder written by `detect classify fit`")
+    ins.add_argument("images", nargs="+", type=Path, help="image files and/or folders")
+    ins.add_argument("--out", type=Path, required=True)
+    ins.add_argument("--batch-size", type=int, default=16)
+    ins.add_argument("--top-k", type=int, default=3)
+    ins.add_argument("--no-overlays", action="store_true", help="CSV (and a gallery without pictures) only")
+    add_common_arguments(ins)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, {
         "fit": cmd_fit, "predict": cmd_predict, "eval": cmd_eval, "benchmark": cmd_benchmark,
-        "models": cmd_models, "backbone": cmd_backbone, "export": cmd_export,
+        "models": cmd_models, "backbone": cmd_backbone, "export": cmd_export, "classify": cmd_classify,
+        "inspect": cmd_inspect,
     })
 
 

@@ -40,25 +40,12 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     the next run, and the rerun, being seeded, writes the same model as an uninterrupted run.
     """
     out = Path(out)
-    _recover_interrupted_fit(out)
-    if (out / CONFIG_FILE).exists() and not force:
-        raise InputError(f"{out}: already holds a saved model; pass --force to overwrite it or choose another --out.")
-    check_output_folder(out)
+    prepare_model_folder(out, CONFIG_FILE, force=force)
     detector = create(name, **(options or {}))
     start = time.perf_counter()
     detector.fit(data, val, anomalies=anomalies, progress=progress)
     elapsed = time.perf_counter() - start
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
-    detector.save(staging)
-    old = None
-    if out.exists():
-        old = _moved_aside(out)
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-    staging.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    save_into_place(detector.save, out)
     calibration = detector.calibration
     logger.info("fitted %s in %.1f s; saved to %s", name, elapsed, out)
     if calibration is not None:
@@ -67,6 +54,29 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
         if calibration.warning:
             print(f"warning: {calibration.warning}")
     return detector
+
+
+def prepare_model_folder(out: Path, config_file: str, *, force: bool) -> None:
+    """Before a fit: recover what a killed fit left, refuse to overwrite a saved model unless ``force``."""
+    _recover_interrupted_fit(out)
+    if (out / config_file).exists() and not force:
+        raise InputError(f"{out}: already holds a saved model; pass --force to overwrite it or choose another --out.")
+    check_output_folder(out)
+
+
+def save_into_place(save: Any, out: Path) -> None:
+    """``save(folder)`` into a staging folder beside ``out``, then swap it in: ``out`` is complete or as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.stage-", dir=out.parent))
+    save(staging)
+    old = None
+    if out.exists():
+        old = _moved_aside(out)
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+    staging.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _moved_aside(out: Path) -> Path:
@@ -108,14 +118,25 @@ def heatmap_overlay(image: np.ndarray, anomaly_map: np.ndarray, *, vmin: float, 
     return np.concatenate([image, blended], axis=1)
 
 
+def prediction_overlay(image: np.ndarray, anomaly_map: np.ndarray, calibration: Any, *, with_mask: bool
+                       ) -> np.ndarray:
+    """The overlay ``detect predict`` writes: the map (model size) resized to the image, coloured on the
+    calibration's pixel range, with the predicted mask's contour when the model has a pixel threshold."""
+    amap = resize_map(anomaly_map, image.shape[:2])
+    mask = amap >= calibration.pixel_threshold if with_mask and calibration is not None else None
+    vmin = calibration.pixel_min if calibration and calibration.pixel_min is not None else 0.0
+    vmax = calibration.pixel_max if calibration and calibration.pixel_max is not None else float(amap.max())
+    return heatmap_overlay(image, amap, vmin=vmin, vmax=vmax, mask=mask)
+
+
 SCORE_FIELDS = ["image", "score", "normalized_score", "anomalous", "error"]
 # Rows of a running `detect predict`, appended batch by batch; a rerun of the same command resumes from it.
 PARTIAL_SCORES = ".scores.partial.csv"
 
 
-def _predict_run_key(model_dir: Path, paths: Sequence[Path], overlays: bool) -> str:
+def predict_run_key(model_dir: Path, paths: Sequence[Path], overlays: bool, config_file: str = CONFIG_FILE) -> str:
     """What a partial predict run depends on: the model (config + weights file identity) and the image list."""
-    digest = hashlib.sha256((model_dir / CONFIG_FILE).read_bytes())
+    digest = hashlib.sha256((model_dir / config_file).read_bytes())
     weights = (model_dir / WEIGHTS_FILE).stat()
     digest.update(f"{weights.st_size}:{weights.st_mtime_ns}:{overlays}\n".encode())
     for path in paths:
@@ -123,7 +144,7 @@ def _predict_run_key(model_dir: Path, paths: Sequence[Path], overlays: bool) -> 
     return digest.hexdigest()[:16]
 
 
-def _read_partial_scores(partial: Path, key: str) -> dict[int, dict[str, str]]:
+def read_partial_rows(partial: Path, key: str) -> dict[int, dict[str, str]]:
     """Rows (by image index) of an interrupted run with the same key; anything else is discarded."""
     if not partial.is_file():
         return {}
@@ -159,8 +180,8 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     calibration = detector.calibration
     out.mkdir(parents=True, exist_ok=True)
     partial = out / PARTIAL_SCORES
-    key = _predict_run_key(Path(model_dir), paths, overlays)
-    rows = _read_partial_scores(partial, key)
+    key = predict_run_key(Path(model_dir), paths, overlays)
+    rows = read_partial_rows(partial, key)
     todo = [i for i in range(len(paths)) if i not in rows]
     if rows:
         logger.info("resuming: %d of %d images already scored", len(rows), len(paths))
@@ -192,16 +213,9 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
                         "error": "",
                     }
                     if overlays:
-                        shape = images[index].shape[:2]
-                        amap = resize_map(prediction.anomaly_maps[index], shape)
-                        mask = None
-                        if prediction.masks is not None and calibration is not None:
-                            mask = amap >= calibration.pixel_threshold
-                        vmin = calibration.pixel_min if calibration and calibration.pixel_min is not None else 0.0
-                        vmax = (calibration.pixel_max if calibration and calibration.pixel_max is not None
-                                else float(amap.max()))
                         write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
-                                    heatmap_overlay(images[index], amap, vmin=vmin, vmax=vmax, mask=mask))
+                                    prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
+                                                       with_mask=prediction.masks is not None))
             # Overlays first, then the rows: a row in the partial file means its overlay is complete.
             writer.writerows({"index": i, **row} for i, row in sorted(new_rows.items()))
             handle.flush()

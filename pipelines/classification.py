@@ -10,11 +10,12 @@ Protocol (Hu et al. 2024, "AnomalyDiffusion", defect classification experiment):
    placed on the normal images of ``train/good``, and the defect's appearance is carried over with blend
    ``poisson`` (default) or ``texture``). Each class is generated separately from a folder that holds only its own
    exemplars, so every generated sample carries its class label by construction.
-3. A timm classifier (``pipelines.classifier``: offline ``tf_efficientnet_lite0`` by default) is trained on the
-   synthetic set alone and evaluated on the real test part: per-class accuracy (recall), their mean (balanced
-   accuracy), overall accuracy and the confusion matrix.
+3. The user-facing classifier (``detect.classify.DefectClassifier``, offline ``tf_efficientnet_lite0`` by default)
+   is trained on the synthetic set alone and evaluated on the real test part: per-class accuracy (recall), their
+   mean (balanced accuracy), overall accuracy and the confusion matrix.
 4. Baselines in the same run, with the same training recipe (augmentation, optimizer, number of steps):
-   ``real_only`` trains on the real generation-part images; ``crop_paste`` cuts the bounding box of each real
+   ``real_only`` trains on the real generation-part images; ``real_plus_synthetic`` (opt-in) on those plus the
+   synthetic set; ``crop_paste`` cuts the bounding box of each real
    generation-part defect (from its mask) and pastes it unblended at a random spot of a random normal image,
    ``n_per_class`` times per class.
 
@@ -48,7 +49,8 @@ import numpy as np
 from pydantic import Field, field_validator
 from tqdm import tqdm
 
-from pipelines.classifier import classification_metrics, predict, train_classifier
+from detect.classify import ClassifierConfig, DefectClassifier, LabeledImages
+from detect.classify.metrics import classification_metrics
 from synth.config import GENERATE_METHODS, GenerateConfig, StrictModel, validate_config
 from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
 from synth.errors import InputError
@@ -60,6 +62,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["BASELINES", "ClassificationConfig", "generate_methods", "run_classification", "split_classes"]
 
 BASELINES = ("real_only", "crop_paste")
+# Also accepted in ``baselines``: the real generation-part images together with the synthetic set (how a user
+# would use the generator), trained with the same recipe and steps.
+EXTRA_BASELINES = ("real_plus_synthetic",)
 KEY_FILE = "pipeline_key.json"
 SUMMARY_FILE = "classification.json"
 
@@ -80,7 +85,8 @@ class ClassificationConfig(StrictModel):
     blend: Literal["alpha", "poisson", "texture"] = Field(
         "poisson", description="blend of method 'paste'; poisson/texture carry the real defect's appearance")
     n_per_class: int = Field(100, gt=0, description="synthetic (and crop & paste) images per class")
-    baselines: list[Literal["real_only", "crop_paste"]] = Field(default_factory=lambda: list(BASELINES))
+    baselines: list[Literal["real_only", "crop_paste", "real_plus_synthetic"]] = Field(
+        default_factory=lambda: list(BASELINES))
     backbone: str = Field("tf_efficientnet_lite0", description="timm classifier")
     pretrained: bool = True
     image_size: int = Field(224, ge=32, le=1024)
@@ -313,6 +319,7 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
     folders = {synthetic_name: workdir / "generated" / cfg.method, "crop_paste": workdir / "generated" / "crop_paste"}
     unit_keys = {synthetic_name: _hash({**base_key, "generation": gen_key}),
                  "real_only": _hash({**base_key, "real_only": True}),
+                 "real_plus_synthetic": _hash({**base_key, "real_plus_synthetic": gen_key}),
                  "crop_paste": _hash({**base_key, "crop_paste": crop_key})}
     test_data: tuple[list, list[int]] | None = None
     methods: dict[str, dict] = {}
@@ -323,7 +330,7 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
             logger.info("%s: reusing %s", name, cache)
             methods[name] = cached["result"]
             continue
-        if name == "real_only":
+        if name in ("real_only", "real_plus_synthetic"):
             samples = [s for part in split.values() for s in part["generation"]]
             train_set: DefectSet = dataset
         else:
@@ -338,18 +345,26 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
                 train_set = _generate_crop_paste(cfg, dataset, split, seeds, normal, folder / "set", progress)
             samples = [s for s in train_set.select(split="test", anomalous=True) if s.defect_class in classes]
         images, labels = _labeled(train_set, samples, classes)
+        sources = ["real"] * len(images)
+        if name == "real_plus_synthetic":
+            generated = read_defect_set(folders[synthetic_name] / "set")
+            extra = [s for s in generated.select(split="test", anomalous=True) if s.defect_class in classes]
+            more_images, more_labels = _labeled(generated, extra, classes)
+            images, labels = images + more_images, labels + more_labels
+            sources += ["synthetic"] * len(more_images)
         if test_data is None:
             test_data = _labeled(dataset, [s for part in split.values() for s in part["test"]], classes)
         started = time.perf_counter()
-        classifier = train_classifier(images, labels, len(classes), backbone=cfg.backbone,
-                                      pretrained=cfg.pretrained, image_size=cfg.image_size, steps=steps,
-                                      batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, progress=progress,
-                                      desc=f"train {name}")
+        classifier = DefectClassifier(ClassifierConfig(backbone=cfg.backbone, pretrained=cfg.pretrained,
+                                                       image_size=cfg.image_size, steps=steps,
+                                                       batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed))
+        classifier.fit_labeled(LabeledImages(images, labels, classes, sources), progress=progress,
+                               desc=f"train {name}")
         fit_s = time.perf_counter() - started
-        predicted = predict(classifier, test_data[0], batch_size=max(cfg.batch_size, 32))
+        predicted = classifier.predict(test_data[0], batch_size=max(cfg.batch_size, 32)).indices
         result = {**classification_metrics(test_data[1], predicted.tolist(), classes), "n_train": len(images),
-                  "n_test": len(test_data[1]), "steps": steps, "final_loss": classifier.final_loss,
-                  "fit_s": round(fit_s, 3), "weights_source": classifier.weights_source}
+                  "n_test": len(test_data[1]), "steps": steps, "final_loss": classifier.history["final_loss"],
+                  "fit_s": round(fit_s, 3), "weights_source": classifier.history["weights_source"]}
         write_json(cache, {"key": unit_keys[name], "method": name, "result": result})
         logger.info("%s: mean accuracy %.3f", name, result["mean_accuracy"])
         methods[name] = result

@@ -220,6 +220,11 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
     _atomic_write_bytes(path, lambda handle: img.save(handle, format=fmt))
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write bytes atomically (temporary file in the same folder, rename; fsync if durable_writes())."""
+    _atomic_write_bytes(Path(path), lambda handle: handle.write(data))
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temporary file in the same folder, rename; fsync if durable_writes())."""
     _atomic_write_bytes(Path(path), lambda handle: handle.write(text.encode("utf-8")))

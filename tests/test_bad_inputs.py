@@ -442,6 +442,17 @@ MATRIX: list[tuple[str, list[str], list[str]]] = [
     ("eval-out-is-file", [*EVAL, "--data", "{brick}", "--out", "{png}"], ["{png}", "is a file"]),
     ("eval-model-missing", ["detect", "eval", "--model-dir", "{missing}", "--data", "{brick}"],
      ["not a saved model folder"]),
+    # ---- detect classify / detect inspect
+    ("classify-fit-data-missing", ["detect", "classify", "fit", "-q", "--data", "{missing}", "--out", "{out}"],
+     ["{missing}", "not found"]),
+    ("classify-fit-unknown-option", ["detect", "classify", "fit", "-q", "--data", "{brick}", "--out", "{out}",
+                                     "--set", "stepz=3"], ["key 'stepz'", "did you mean 'steps'"]),
+    ("classify-predict-model-missing", ["detect", "classify", "predict", "-q", "--model-dir", "{missing}",
+                                        "{brick}/test/good", "--out", "{out}"], ["no saved classifier"]),
+    ("classify-eval-model-missing", ["detect", "classify", "eval", "-q", "--model-dir", "{missing}", "--data",
+                                     "{brick}"], ["no saved classifier"]),
+    ("inspect-detector-missing", ["detect", "inspect", "-q", "--detector", "{missing}", "--classifier", "{missing}",
+                                  "{brick}/test/good", "--out", "{out}"], ["not a saved model folder"]),
     # ---- detect benchmark (all checked before any model runs)
     ("benchmark-unknown-model", [*BENCH, "--models", "padim,nosuch", "--data", "{brick}"], ["unknown model 'nosuch'"]),
     ("benchmark-no-models", [*BENCH, "--models", ",", "--data", "{brick}"], ["no model names", "--models"]),

@@ -110,9 +110,9 @@ def test_rerun_reuses_cached_results(first_run, monkeypatch):
     cfg, workdir, result = first_run
 
     def fail(*args, **kwargs):
-        raise AssertionError("train_classifier called although every result is cached")
+        raise AssertionError("the classifier was trained although every result is cached")
 
-    monkeypatch.setattr(clf, "train_classifier", fail)
+    monkeypatch.setattr(clf.DefectClassifier, "fit_labeled", fail)
     monkeypatch.setattr(clf, "generate", fail)
     again = run_classification(cfg, workdir, progress=False)
     assert again["methods"] == result["methods"]
@@ -160,3 +160,14 @@ def test_single_defect_class_is_a_clear_error(tmp_path):
                             classes=("spot",))
     with pytest.raises(InputError, match="at least 2 defect classes"):
         run_classification(_config(tmp_path / "data"), tmp_path / "work", progress=False)
+
+
+def test_real_plus_synthetic_trains_on_both(first_run):
+    cfg, workdir, result = first_run
+    both = run_classification(cfg.model_copy(update={"baselines": ["real_only", "real_plus_synthetic"]}), workdir,
+                              progress=False)
+    # The synthetic set and the real-only classifier are reused; the new method trains on 8 real + 24 synthetic.
+    assert both["methods"]["real_only"] == result["methods"]["real_only"]
+    mixed = both["methods"]["real_plus_synthetic"]
+    assert mixed["n_train"] == 2 * 4 + 2 * N_PER_CLASS and mixed["steps"] == result["methods"]["real_only"]["steps"]
+    assert np.array(mixed["confusion"]).sum() == 2 * (N_REAL - 4)
