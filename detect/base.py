@@ -458,16 +458,10 @@ class Detector:
     # ----- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into the folder ``path`` (atomically, file by file)."""
-        from safetensors.torch import save_file
-
         if not self.fitted:
             raise InputError(f"{self.name}: refusing to save an unfitted model; call fit() first.")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        tmp = path / f".{WEIGHTS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
+        save_module_weights(self.model, path / WEIGHTS_FILE)
         write_json(path / CONFIG_FILE, {
             "format_version": FORMAT_VERSION,
             "model": self.name,
@@ -494,6 +488,17 @@ class Detector:
                 module._buffers[leaf] = torch.empty_like(value)
         self.model.load_state_dict(tensors, strict=True)
         self.model.eval()
+
+
+def save_module_weights(module: nn.Module, path: Path) -> None:
+    """Every tensor of ``module`` (parameters and buffers) as safetensors, written atomically to ``path``."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
 
 
 def _image_name(item: ImageInput, index: int) -> str:

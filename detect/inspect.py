@@ -27,9 +27,9 @@ import numpy as np
 
 from detect.classify.classifier import DefectClassifier
 from detect.registry import load
-from detect.runner import check_output_folder, prediction_overlay
+from detect.runner import check_output_folder, prediction_overlay, read_batch
 from synth.errors import InputError
-from synth.io import iter_paths, read_image, write_image, write_text
+from synth.io import iter_paths, write_image, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +109,9 @@ def inspect_images(detector_dir: str | Path, classifier_dir: str | Path, inputs:
     with tqdm(total=len(paths), desc="inspect", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             chunk = list(range(start, min(start + batch_size, len(paths))))
-            images, kept, batch_rows = [], [], {}
-            for i in chunk:
-                try:
-                    images.append(read_image(paths[i]))
-                    kept.append(i)
-                except InputError as exc:
-                    logger.warning("%s", exc)
-                    batch_rows[i] = {**dict.fromkeys(FIELDS, ""), "image": str(paths[i]),
-                                     "error": " ".join(str(exc).split())}
+            images, kept, failed = read_batch(paths, chunk)
+            batch_rows = {i: {**dict.fromkeys(FIELDS, ""), "image": str(paths[i]), "error": error}
+                          for i, error in failed.items()}
             if images:
                 found = detector.predict(images)
                 defective = [n for n, flag in enumerate(found.labels) if flag]

@@ -134,6 +134,20 @@ SCORE_FIELDS = ["image", "score", "normalized_score", "anomalous", "error"]
 PARTIAL_SCORES = ".scores.partial.csv"
 
 
+def read_batch(paths: Sequence[Path], indices: Sequence[int]) -> tuple[list[np.ndarray], list[int], dict[int, str]]:
+    """Read ``paths[i]`` for ``i`` in ``indices``: (images, their indices, {index: one-line error} for unreadable
+    files, each logged as a warning). One line per error: partial CSV files are read back line by line."""
+    images, kept, failed = [], [], {}
+    for i in indices:
+        try:
+            images.append(read_image(paths[i]))
+            kept.append(i)
+        except InputError as exc:
+            logger.warning("%s", exc)
+            failed[i] = " ".join(str(exc).split())
+    return images, kept, failed
+
+
 def predict_run_key(model_dir: Path, paths: Sequence[Path], overlays: bool, config_file: str = CONFIG_FILE) -> str:
     """What a partial predict run depends on: the model (config + weights file identity) and the image list."""
     digest = hashlib.sha256((model_dir / config_file).read_bytes())
@@ -192,16 +206,9 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
         writer = csv.DictWriter(handle, fieldnames=["index", *SCORE_FIELDS], lineterminator="\n")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            images, kept, new_rows = [], [], {}
-            for i in chunk:
-                try:
-                    images.append(read_image(paths[i]))
-                    kept.append(i)
-                except InputError as exc:
-                    logger.warning("%s", exc)
-                    # One line per row: the partial file is read back line by line.
-                    new_rows[i] = {"image": str(paths[i]), "score": "", "normalized_score": "", "anomalous": "",
-                                   "error": " ".join(str(exc).split())}
+            images, kept, failed = read_batch(paths, chunk)
+            new_rows = {i: {"image": str(paths[i]), "score": "", "normalized_score": "", "anomalous": "",
+                            "error": error} for i, error in failed.items()}
             if images:
                 prediction = detector.predict(images)
                 normalized = prediction.normalized_scores

@@ -37,6 +37,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from detect.backbones import create_backbone, imagenet_normalization
+from detect.base import save_module_weights
 from detect.classify.metrics import classification_metrics
 from detect.classify.torch_model import ClassifierModel
 from detect.data import ImageInput, load_rgb
@@ -323,16 +324,10 @@ class DefectClassifier:
     # ----- persistence ----------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``classifier.json`` + ``model.safetensors`` into the folder ``path`` (each file atomically)."""
-        from safetensors.torch import save_file
-
         if self.model is None:
             raise InputError("refusing to save an unfitted classifier; call fit() first.")
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
-        tmp = path / f".{WEIGHTS_FILE}.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(path / WEIGHTS_FILE)
+        save_module_weights(self.model, path / WEIGHTS_FILE)
         write_json(path / CONFIG_FILE, {"format_version": FORMAT_VERSION, "kind": "defect-classifier",
                                         "classes": self.classes, "config": self.config.model_dump(mode="json"),
                                         "training": self.history})

@@ -28,13 +28,14 @@ from detect.runner import (
     check_output_folder,
     predict_run_key,
     prepare_model_folder,
+    read_batch,
     read_partial_rows,
     save_into_place,
 )
 from synth.config import validate_config
 from synth.defect_set import read_defect_set
 from synth.errors import InputError
-from synth.io import iter_paths, read_image, write_bytes, write_json, write_text
+from synth.io import iter_paths, write_bytes, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -94,15 +95,9 @@ def predict_classes(model_dir: str | Path, inputs: Sequence[str | Path], out: st
         writer = csv.DictWriter(handle, fieldnames=["index", *fields], lineterminator="\n")
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            images, kept, new_rows = [], [], {}
-            for i in chunk:
-                try:
-                    images.append(read_image(paths[i]))
-                    kept.append(i)
-                except InputError as exc:
-                    logger.warning("%s", exc)
-                    new_rows[i] = {**dict.fromkeys(fields, ""), "image": str(paths[i]),
-                                   "error": " ".join(str(exc).split())}
+            images, kept, failed = read_batch(paths, chunk)
+            new_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
+                        for i, error in failed.items()}
             if images:
                 prediction = classifier.predict(images, batch_size=batch_size)
                 for i, ranked in zip(kept, prediction.top_k(top_k), strict=True):
