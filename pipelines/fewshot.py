@@ -105,7 +105,7 @@ SUMMARY_FILE = "fewshot.json"
 CACHE_VERSION = 2
 # Cell metrics averaged over repeats (and given a ``_std`` when there are several).
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1", "image_precision", "image_recall",
-           "image_fpr", "oracle_recall", "estimated_recall", "image_f1_max", "threshold", "fit_s")
+           "image_fpr", "oracle_recall", "estimated_recall", "calibration_fpr", "image_f1_max", "threshold", "fit_s")
 STD_METRICS = ("image_auroc", "pixel_auroc", "image_f1", "image_fpr", "image_recall")
 
 Shot = int | Literal["all"]
@@ -474,9 +474,11 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
     for mode in unit.modes:
         if mode in ("none", "train"):
             threshold, method = calibration.image_threshold, calibration.method
+            # calibration_fpr: share of the held-out normals (and views) flagged at fit time, beside image_fpr measured
+            # on the test normals.
             extra = {"calibration_anomalies": calibration.num_anomalous,
                      "estimated_recall": calibration.estimated_recall, "threshold_tail": calibration.tail,
-                     "threshold_warning": calibration.warning}
+                     "threshold_warning": calibration.warning, "calibration_fpr": calibration.calibration_fpr}
         else:
             assert synthetic_scores is not None
             scores = np.r_[held_out.normal, synthetic_scores]
@@ -484,7 +486,8 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
             threshold, method = f1_optimal_threshold(scores, labels), "f1-synthetic"
             extra = {"calibration_anomalies": len(synthetic_scores),
                      "estimated_recall": float((synthetic_scores >= threshold).mean()), "threshold_tail": None,
-                     "threshold_warning": None}
+                     "threshold_warning": None,
+                     "calibration_fpr": float((np.r_[held_out.normal, held_out.views] >= threshold).mean())}
         cells[mode] = {**base, "synthetic": mode, "threshold": float(threshold), "threshold_method": method,
                        **extra, **_at_threshold(test.scores, data.labels, float(threshold))}
     return cells

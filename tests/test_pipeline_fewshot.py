@@ -87,6 +87,7 @@ def test_threshold_mode_keeps_weights_and_uses_synthetic_anomalies(run):
             # "none": the detector's own threshold for the target false-positive rate (normals set it; the
             # detector's synthetic anomalies made from the held-out shots only estimate its recall).
             assert none["threshold_method"] == "fpr-0.05" and none["target_fpr"] == 0.05
+            assert 0 <= none["calibration_fpr"] <= 1 and 0 <= thr["calibration_fpr"] <= 1
             assert thr["threshold_method"] == "f1-synthetic"
             assert thr["calibration_anomalies"] == round(0.25 * len(anomalies))
     # The two thresholds are chosen from different data: they differ somewhere.
