@@ -16,8 +16,8 @@ nothing of the fit or the threshold sees:
   them + synthetic anomalies; with fewer than 5 shots every shot calibrates in-sample).
 
 The bar of issue 16: at k >= 8, measured FPR <= 2 x target and gap <= 0.10 (means over seeds).
-The toy set is made here (brick crops, 64 px, 64 train / 200 test good / 2 x 50 defects) so that test/good is
-large enough to measure a 1 % rate. Every cell is cached in OUT/cells/ (a rerun resumes); results in
+The toy set is made in ``--work`` (brick crops, 64 px, 64 train / 200 test good / 2 x 50 defects, seeded) so that
+test/good is large enough to measure a 1 % rate. Every cell is cached in OUT/cells/ (a rerun resumes); results in
 OUT/results.json and OUT/bench_thresholds.md with the load average.
 """
 
@@ -47,11 +47,11 @@ DATASETS = {"toy": (None, 64), "magnetic-tile": (SHARED / "magnetic-tile", 128),
 TARGETS = (0.05, 0.01)
 
 
-def dataset_root(name: str, out: Path) -> Path:
+def dataset_root(name: str, work: Path) -> Path:
     root, _ = DATASETS[name]
     if root is not None:
         return root
-    toy = out / "toy"
+    toy = work / "toy"
     if not (toy / "dataset_info.json").exists():
         make_texture_defect_set(toy, texture="brick", size=64, n_train=64, n_test_good=200, n_test_per_class=50,
                                 seed=0)
@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--shots", default="8,16,32")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench_thresholds")
+    parser.add_argument("--work", type=Path, default=REPO / "runs" / "bench_thresholds",
+                        help="where the toy set is made (regenerated identically from its seed; not a result)")
     args = parser.parse_args()
     datasets = [d for d in args.datasets.split(",") if d]
     models = [m for m in args.models.split(",") if m]
@@ -161,7 +163,7 @@ def main() -> None:
     started, load_before = time.perf_counter(), os.getloadavg()
     cells = []
     for name in datasets:
-        root = dataset_root(name, out)
+        root = dataset_root(name, args.work)
         if not root.exists():
             print(f"skip {name}: {root} not found")
             continue
