@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,53 @@ def read_partial_rows(partial: Path, key: str) -> dict[int, dict[str, str]]:
     return {int(row.pop("index")): row for row in csv.DictReader(io.StringIO(body))}
 
 
+def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], key: str,
+                         score: Callable[[list[np.ndarray], list[int]], dict[int, dict[str, str]]], *,
+                         partial_name: str, final_name: str, batch_size: int, desc: str, progress: bool
+                         ) -> dict[int, dict[str, str]]:
+    """The resumable batch loop of ``detect predict`` and ``detect classify predict``.
+
+    ``score(images, indices)`` returns one CSV row per readable image (writing any side files such as overlays
+    first); unreadable images get a row with only ``image`` and ``error``. Rows are appended to
+    ``OUT/partial_name`` after each batch (a row there means its side files are complete), so a rerun with the
+    same ``key`` (model + image list) only scores the missing images; ``OUT/final_name`` is written atomically in
+    input order at the end and the partial file removed. Returns the rows by image index.
+    """
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / partial_name
+    rows = read_partial_rows(partial, key)
+    todo = [i for i in range(len(paths)) if i not in rows]
+    if rows:
+        logger.info("resuming: %d of %d images already done", len(rows), len(paths))
+    else:
+        write_text(partial, f"# {key}\n" + ",".join(["index", *fields]) + "\n")
+    with tqdm(total=len(paths), initial=len(paths) - len(todo), desc=desc, unit="img",
+              disable=not progress) as bar, open(partial, "a", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["index", *fields], lineterminator="\n")
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            images, kept, failed = read_batch(paths, chunk)
+            new_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
+                        for i, error in failed.items()}
+            if images:
+                new_rows.update(score(images, kept))
+            writer.writerows({"index": i, **row} for i, row in sorted(new_rows.items()))
+            handle.flush()
+            if durable_writes():
+                os.fsync(handle.fileno())
+            rows.update(new_rows)
+            bar.update(len(chunk))
+    buffer = io.StringIO()
+    table = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    table.writeheader()
+    table.writerows(rows[i] for i in range(len(paths)))
+    write_text(out / final_name, buffer.getvalue())
+    partial.unlink(missing_ok=True)
+    return rows
+
+
 def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, *,
                       overlays: bool = True, batch_size: int | None = None, progress: bool = True) -> Path:
     """Score every image under ``inputs``; writes ``scores.csv`` (+ ``overlays/``) into ``out``.
@@ -180,8 +227,6 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     ``OUT/.scores.partial.csv`` after each batch, so a killed run resumes where it stopped when the same
     command is rerun (same model, same images); ``scores.csv`` is written atomically at the end, in input order.
     """
-    from tqdm import tqdm
-
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be >= 1 (leave it out to use the model's batch size).")
     out = Path(out)
@@ -192,50 +237,27 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
         raise InputError("no images to predict: pass image files or folders.")
     batch_size = batch_size or detector.config.batch_size
     calibration = detector.calibration
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / PARTIAL_SCORES
-    key = predict_run_key(Path(model_dir), paths, overlays)
-    rows = read_partial_rows(partial, key)
-    todo = [i for i in range(len(paths)) if i not in rows]
-    if rows:
-        logger.info("resuming: %d of %d images already scored", len(rows), len(paths))
-    else:
-        write_text(partial, f"# {key}\n" + ",".join(["index", *SCORE_FIELDS]) + "\n")
-    with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="detect predict", unit="img",
-              disable=not progress) as bar, open(partial, "a", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["index", *SCORE_FIELDS], lineterminator="\n")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            images, kept, failed = read_batch(paths, chunk)
-            new_rows = {i: {"image": str(paths[i]), "score": "", "normalized_score": "", "anomalous": "",
-                            "error": error} for i, error in failed.items()}
-            if images:
-                prediction = detector.predict(images)
-                normalized = prediction.normalized_scores
-                for index, i in enumerate(kept):
-                    new_rows[i] = {
-                        "image": str(paths[i]), "score": f"{float(prediction.scores[index]):.6g}",
-                        "normalized_score": "" if normalized is None else f"{normalized[index]:.4f}",
-                        "anomalous": "" if prediction.labels is None else str(int(prediction.labels[index])),
-                        "error": "",
-                    }
-                    if overlays:
-                        write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
-                                    prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
-                                                       with_mask=prediction.masks is not None))
-            # Overlays first, then the rows: a row in the partial file means its overlay is complete.
-            writer.writerows({"index": i, **row} for i, row in sorted(new_rows.items()))
-            handle.flush()
-            if durable_writes():
-                os.fsync(handle.fileno())
-            rows.update(new_rows)
-            bar.update(len(chunk))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SCORE_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows[i] for i in range(len(paths)))
-    write_text(out / "scores.csv", buffer.getvalue())
-    partial.unlink(missing_ok=True)
+
+    def score(images: list[np.ndarray], kept: list[int]) -> dict[int, dict[str, str]]:
+        prediction = detector.predict(images)
+        normalized = prediction.normalized_scores
+        scored = {}
+        for index, i in enumerate(kept):
+            scored[i] = {
+                "image": str(paths[i]), "score": f"{float(prediction.scores[index]):.6g}",
+                "normalized_score": "" if normalized is None else f"{normalized[index]:.4f}",
+                "anomalous": "" if prediction.labels is None else str(int(prediction.labels[index])),
+                "error": "",
+            }
+            if overlays:
+                write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
+                            prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
+                                               with_mask=prediction.masks is not None))
+        return scored
+
+    rows = write_rows_resumably(out, paths, SCORE_FIELDS, predict_run_key(Path(model_dir), paths, overlays),
+                                score, partial_name=PARTIAL_SCORES, final_name="scores.csv",
+                                batch_size=batch_size, desc="detect predict", progress=progress)
     errors = sum(1 for r in rows.values() if r["error"])
     flagged = sum(1 for r in rows.values() if r["anomalous"] == "1")
     point = ""

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import csv
 import io
 import logging
 import time
@@ -28,14 +27,13 @@ from detect.runner import (
     check_output_folder,
     predict_run_key,
     prepare_model_folder,
-    read_batch,
-    read_partial_rows,
     save_into_place,
+    write_rows_resumably,
 )
 from synth.config import validate_config
 from synth.defect_set import read_defect_set
 from synth.errors import InputError
-from synth.io import iter_paths, write_bytes, write_json, write_text
+from synth.io import iter_paths, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +67,6 @@ def _fields(top_k: int) -> list[str]:
 def predict_classes(model_dir: str | Path, inputs: Sequence[str | Path], out: str | Path, *, top_k: int = 3,
                     batch_size: int = 32, progress: bool = True) -> Path:
     """Classify every image under ``inputs``; writes ``OUT/predictions.csv`` (see the module docstring)."""
-    from tqdm import tqdm
-
     if batch_size < 1 or top_k < 1:
         raise InputError(f"--batch-size {batch_size} / --top-k {top_k}: both must be >= 1.")
     out = Path(out)
@@ -81,40 +77,16 @@ def predict_classes(model_dir: str | Path, inputs: Sequence[str | Path], out: st
     if not paths:
         raise InputError("no images to classify: pass image files or folders.")
     fields = _fields(top_k)
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / PARTIAL
-    key = predict_run_key(Path(model_dir), paths, bool(top_k), CONFIG_FILE)
-    rows = read_partial_rows(partial, key)
-    todo = [i for i in range(len(paths)) if i not in rows]
-    if rows:
-        logger.info("resuming: %d of %d images already classified", len(rows), len(paths))
-    else:
-        write_text(partial, f"# {key}\n" + ",".join(["index", *fields]) + "\n")
-    with tqdm(total=len(paths), initial=len(paths) - len(todo), desc="classify", unit="img",
-              disable=not progress) as bar, open(partial, "a", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["index", *fields], lineterminator="\n")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            images, kept, failed = read_batch(paths, chunk)
-            new_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
-                        for i, error in failed.items()}
-            if images:
-                prediction = classifier.predict(images, batch_size=batch_size)
-                for i, ranked in zip(kept, prediction.top_k(top_k), strict=True):
-                    new_rows[i] = {"image": str(paths[i]), "class": ranked[0][0],
-                                   "probability": f"{ranked[0][1]:.4f}", "error": "",
-                                   **{f"top{r + 1}": f"{name}:{p:.4f}" for r, (name, p) in enumerate(ranked)}}
-            for i in chunk:
-                writer.writerow({"index": i, **new_rows[i]})
-            handle.flush()
-            rows.update(new_rows)
-            bar.update(len(chunk))
-    buffer = io.StringIO()
-    table = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    table.writeheader()
-    table.writerows(rows[i] for i in range(len(paths)))
-    write_text(out / "predictions.csv", buffer.getvalue())
-    partial.unlink(missing_ok=True)
+
+    def score(images: list, kept: list[int]) -> dict[int, dict[str, str]]:
+        prediction = classifier.predict(images, batch_size=batch_size)
+        return {i: {"image": str(paths[i]), "class": ranked[0][0], "probability": f"{ranked[0][1]:.4f}", "error": "",
+                    **{f"top{r + 1}": f"{name}:{p:.4f}" for r, (name, p) in enumerate(ranked)}}
+                for i, ranked in zip(kept, prediction.top_k(top_k), strict=True)}
+
+    rows = write_rows_resumably(out, paths, fields, predict_run_key(Path(model_dir), paths, bool(top_k), CONFIG_FILE),
+                                score, partial_name=PARTIAL, final_name="predictions.csv", batch_size=batch_size,
+                                desc="classify", progress=progress)
     errors = sum(1 for r in rows.values() if r["error"])
     print(f"classified {len(paths) - errors} images -> {out / 'predictions.csv'}"
           + (f"; {errors} unreadable, see the error column" if errors else ""))
