@@ -161,8 +161,8 @@ def fpr_threshold(normal: np.ndarray, views: np.ndarray | None, target_fpr: floa
 def atypical_normals(normal: np.ndarray) -> np.ndarray:
     """Indices of held-out normal scores far above the others (modified z-score > 3.5, on log scores when all
     are positive); empty below 5 scores. Such a shot is kept (a real normal tail is information: removing it
-    raised the false-positive rate on kolektorsdd at k = 16 from 0.036 to 0.103) but named in the calibration's
-    warning: it may be a defective part among the normals, and it raises the threshold."""
+    raised the false-positive rate on kolektorsdd at k = 16 from 0.036 to 0.103 in an exploratory run) but named
+    in the calibration's warning: it may be a defective part among the normals, and it raises the threshold."""
     scores = np.asarray(normal, dtype=np.float64).ravel()
     if scores.size < 5:
         return np.zeros(0, dtype=int)
