@@ -59,7 +59,8 @@ from synth.io import copy_file, list_images, read_image, read_json_if_exists, wr
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "ClassificationConfig", "generate_methods", "run_classification", "split_classes"]
+__all__ = ["BASELINES", "ClassificationConfig", "class_seed", "crop_paste_one", "generate_methods", "merge_class_sets",
+           "prepare_dir", "run_classification", "split_classes", "stable_hash", "write_exemplars"]
 
 BASELINES = ("real_only", "crop_paste")
 # Also accepted in ``baselines``: the real generation-part images together with the synthetic set (how a user
@@ -114,7 +115,7 @@ class ClassificationConfig(StrictModel):
 # split and seeds
 # --------------------------------------------------------------------------------------------------
 
-def _class_seed(seed: int, salt: str, defect_class: str) -> int:
+def class_seed(seed: int, salt: str, defect_class: str) -> int:
     """A seed per (purpose, class) that does not move when other classes are added or removed."""
     words = [seed, zlib.crc32(f"{salt}:{defect_class}".encode())]
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
@@ -132,18 +133,19 @@ def split_classes(dataset: DefectSet, classes: list[str], fraction: float,
                              f"least 2 (1 to generate from, 1 to test on). Add images to test/{defect_class} "
                              f"or remove that class folder.")
         n_gen = min(max(round(n * fraction), 1), n - 1)
-        order = np.random.default_rng(_class_seed(seed, "split", defect_class)).permutation(n)
+        order = np.random.default_rng(class_seed(seed, "split", defect_class)).permutation(n)
         chosen = set(order[:n_gen].tolist())
         out[defect_class] = {"generation": [s for i, s in enumerate(samples) if i in chosen],
                              "test": [s for i, s in enumerate(samples) if i not in chosen]}
     return out
 
 
-def _hash(obj: Any) -> str:
+def stable_hash(obj: Any) -> str:
+    """16 hex digits of the sha256 of ``obj`` as sorted JSON: a cache key that does not move between runs."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _prepare_dir(folder: Path, key: str) -> None:
+def prepare_dir(folder: Path, key: str) -> None:
     """Make ``folder`` belong to ``key``: a folder left by other settings is removed (it is pipeline output)."""
     record = read_json_if_exists(folder / KEY_FILE)
     if record is not None and record != {"key": key}:
@@ -157,7 +159,7 @@ def _prepare_dir(folder: Path, key: str) -> None:
 # training sets
 # --------------------------------------------------------------------------------------------------
 
-def _write_exemplars(dataset: DefectSet, samples: list[DefectSample], folder: Path, defect_class: str) -> None:
+def write_exemplars(dataset: DefectSet, samples: list[DefectSample], folder: Path, defect_class: str) -> None:
     """Lay out one class's generation part as ``synth generate`` reads it: masks/<class>/<name>.png + images."""
     if folder.exists():
         shutil.rmtree(folder)  # rebuilt every time so files of an older split never linger
@@ -168,7 +170,7 @@ def _write_exemplars(dataset: DefectSet, samples: list[DefectSample], folder: Pa
         copy_file(image_path, folder / "images" / defect_class / f"{sample.name}{image_path.suffix.lower()}")
 
 
-def _merge(parts: dict[str, DefectSet], out: Path, extra: dict[str, Any]) -> DefectSet:
+def merge_class_sets(parts: dict[str, DefectSet], out: Path, extra: dict[str, Any]) -> DefectSet:
     """One labeled set from per-class generated sets; labels are the class each part was generated for."""
     writer = DefectSetWriter(out)
     dropped = 0
@@ -196,7 +198,7 @@ def _generate_synthetic(cfg: ClassificationConfig, dataset: DefectSet, split: di
                         folder: Path, exemplars: Path, progress: bool) -> DefectSet:
     parts = {}
     for defect_class, part in split.items():
-        _write_exemplars(dataset, part["generation"], exemplars / defect_class, defect_class)
+        write_exemplars(dataset, part["generation"], exemplars / defect_class, defect_class)
         gen_cfg = validate_config(GenerateConfig, {
             "normal": normal, "out": folder / "classes" / defect_class, "method": cfg.method,
             "n": cfg.n_per_class, "seed": seeds["generation"][defect_class],
@@ -206,11 +208,11 @@ def _generate_synthetic(cfg: ClassificationConfig, dataset: DefectSet, split: di
         }, source="classification config (method, method_params, blend)")
         logger.info("generating %d %r images with %s", cfg.n_per_class, defect_class, cfg.method)
         parts[defect_class] = generate(gen_cfg, progress=progress).dataset
-    return _merge(parts, folder / "set", {"generator": cfg.method, "pipeline": "classification",
+    return merge_class_sets(parts, folder / "set", {"generator": cfg.method, "pipeline": "classification",
                                           "classes": sorted(parts)})
 
 
-def _crop_paste_one(normal: np.ndarray, image: np.ndarray, mask: np.ndarray,
+def crop_paste_one(normal: np.ndarray, image: np.ndarray, mask: np.ndarray,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Paste the defect's bounding box (no blending) at a uniformly random spot of ``normal``."""
     ys, xs = np.nonzero(mask)
@@ -255,7 +257,7 @@ def _generate_crop_paste(cfg: ClassificationConfig, dataset: DefectSet, split: d
                 rng = np.random.default_rng(seed)
                 sample, image, mask = sources[int(rng.integers(len(sources)))]
                 target = normals[int(rng.integers(len(normals)))]
-                result, result_mask = _crop_paste_one(read_image(target), image, mask, rng)
+                result, result_mask = crop_paste_one(read_image(target), image, mask, rng)
                 writer.add(result, name=name, split="test", defect_class=defect_class, mask=result_mask,
                            generator="crop_paste", params={"source": sample.image}, seed=seed,
                            source_image=str(target))
@@ -300,9 +302,9 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
     split = split_classes(dataset, classes, cfg.generation_fraction, cfg.seed)
     seeds = {
         "seed": cfg.seed,
-        "split": {c: _class_seed(cfg.seed, "split", c) for c in classes},
-        "generation": {c: _class_seed(cfg.seed, "generate", c) for c in classes},
-        "crop_paste": {c: _class_seed(cfg.seed, "crop_paste", c) for c in classes},
+        "split": {c: class_seed(cfg.seed, "split", c) for c in classes},
+        "generation": {c: class_seed(cfg.seed, "generate", c) for c in classes},
+        "crop_paste": {c: class_seed(cfg.seed, "crop_paste", c) for c in classes},
         "train": cfg.seed,
     }
     split_paths = {c: {k: [s.image for s in v] for k, v in part.items()} for c, part in split.items()}
@@ -317,10 +319,10 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
 
     synthetic_name = f"synthetic:{cfg.method}"
     folders = {synthetic_name: workdir / "generated" / cfg.method, "crop_paste": workdir / "generated" / "crop_paste"}
-    unit_keys = {synthetic_name: _hash({**base_key, "generation": gen_key}),
-                 "real_only": _hash({**base_key, "real_only": True}),
-                 "real_plus_synthetic": _hash({**base_key, "real_plus_synthetic": gen_key}),
-                 "crop_paste": _hash({**base_key, "crop_paste": crop_key})}
+    unit_keys = {synthetic_name: stable_hash({**base_key, "generation": gen_key}),
+                 "real_only": stable_hash({**base_key, "real_only": True}),
+                 "real_plus_synthetic": stable_hash({**base_key, "real_plus_synthetic": gen_key}),
+                 "crop_paste": stable_hash({**base_key, "crop_paste": crop_key})}
     test_data: tuple[list, list[int]] | None = None
     methods: dict[str, dict] = {}
     for name in [synthetic_name, *cfg.baselines]:
@@ -337,7 +339,8 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
             folder = folders[name]
             # The folder key adds the workdir: ``synth generate`` records absolute exemplar paths, so a moved
             # workdir regenerates instead of failing on a config mismatch.
-            _prepare_dir(folder, _hash({"workdir": str(workdir), **(gen_key if name == synthetic_name else crop_key)}))
+            folder_key = {"workdir": str(workdir), **(gen_key if name == synthetic_name else crop_key)}
+            prepare_dir(folder, stable_hash(folder_key))
             if name == synthetic_name:
                 train_set = _generate_synthetic(cfg, dataset, split, seeds, normal, folder,
                                                 workdir / "exemplars", progress)

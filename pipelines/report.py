@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SECTIONS", "redact", "redact_text", "write_report"]
 
-SECTIONS = ("summary", "config", "samples", "fewshot", "roc", "classification", "realism")
+# The decision table opens the report (when that stage ran); config and seeds close it, collapsed.
+SECTIONS = ("decision", "summary", "samples", "fewshot", "roc", "classification", "realism", "config")
+COLLAPSED = ("config",)
 REDACTED = "***"
 _SECRET_NAME = re.compile(r"key|token|secret", re.IGNORECASE)
 # Shapes of common API tokens (OpenAI/Anthropic sk-, Hugging Face hf_, GitHub ghp_/gho_/github_pat_, AWS AKIA,
@@ -226,8 +228,11 @@ def _summary(result: dict[str, Any]) -> str:
     if stages:
         rows = [[name, info.get("status", ""), info.get("hash", "") or "", str(info.get("seed", "") or ""),
                  "" if info.get("elapsed_s") is None else f"{info['elapsed_s']:.1f} s"]
-                for name, info in stages.items()]
+                for name, info in stages.items() if info.get("status") != "not run"]
         parts.append("<h3>Stages</h3>" + _table(["stage", "status", "hash", "seed", "time"], rows, numeric_from=9))
+        left_out = [name for name, info in stages.items() if info.get("status") == "not run"]
+        if left_out:  # named once, not as table rows: a stage this config does not ask for is no failure
+            parts.append(_note("Stages this config leaves out: " + ", ".join(left_out) + "."))
     lines = []
     filt = result.get("filter")
     if filt:
@@ -539,7 +544,14 @@ def _realism(result: dict[str, Any]) -> str:
             + _table(["synthetic set", "KID", "IC-LPIPS", "clusters", "real", "generated", "defect crops"], rows))
 
 
+def _decision(result: dict[str, Any]) -> str:
+    from pipelines.decision_report import decision_section  # imports this module: loaded on use
+
+    return decision_section(result)
+
+
 SECTION_BUILDERS = {
+    "decision": ("Decision table: what synthetic defects buy", _decision),
     "summary": ("Summary", _summary),
     "config": ("Config and seeds", _config),
     "samples": ("Generated defects", _samples),
@@ -553,15 +565,18 @@ SECTION_BUILDERS = {
 def render_report(result: dict[str, Any]) -> str:
     """The HTML page for a (redacted) result dict; a section that fails to draw shows the error, not a crash."""
     title = (result.get("report_options") or {}).get("title") or f"PixelVision pipeline: {result.get('name', '')}"
-    nav = "".join(f"<a href='#{sid}'>{_esc(SECTION_BUILDERS[sid][0])}</a>" for sid in SECTIONS)
     body = []
-    for sid in SECTIONS:
+    sections = [sid for sid in SECTIONS if sid != "decision" or result.get("decision")]
+    nav = "".join(f"<a href='#{sid}'>{_esc(SECTION_BUILDERS[sid][0])}</a>" for sid in sections)
+    for sid in sections:
         heading, build = SECTION_BUILDERS[sid]
         try:
             content = build(result)
         except Exception as exc:  # noqa: BLE001 - a broken plot must not lose the other sections
             logger.warning("report section %s failed: %s", sid, exc)
             content = _note(f"could not be drawn: {type(exc).__name__}: {exc}")
+        if sid in COLLAPSED:
+            content = f"<details><summary>show</summary>{content}</details>"
         body.append(_section(sid, heading, content))
     return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
             f"<style>{CSS}</style></head>\n<body><header><h1>{_esc(title)}</h1>"

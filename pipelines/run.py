@@ -1,4 +1,4 @@
-"""``pipelines run CONFIG``: generate -> filter -> fewshot -> classification -> realism -> report, cached by stage.
+"""``pipelines run CONFIG``: generate -> filter -> fewshot -> classification -> decision -> realism -> report, cached.
 
 A pipeline config (:class:`PipelineConfig`, e.g. ``configs/pipeline_toy.yaml``) names the data (an MVTec-layout
 folder), the output folder, a top-level seed and one optional section per stage:
@@ -10,6 +10,8 @@ folder), the output folder, a top-level seed and one optional section per stage:
   explicit ``masks``/``defects`` folders (a warning is logged when they lie inside the data folder).
 - ``filter``: a ``synth filter`` config without ``generated``/``out``; ``real_defects`` defaults to the data.
 - ``fewshot`` / ``classification``: a ``FewShotConfig`` / ``ClassificationConfig`` without ``data``.
+- ``decision``: a ``pipelines.decision.DecisionConfig`` without ``data``: the k-shot decision table (every arm,
+  k and repeat; it generates, filters and measures its own synthetic sets from the known defects only).
 - ``realism``: ``true`` or options (:class:`RealismOptions`): KID and IC-LPIPS of every synthetic set.
 - ``report``: options of the HTML report (:class:`ReportOptions`).
 
@@ -65,7 +67,7 @@ __all__ = [
 
 FORMAT = "pixelvision-pipeline/1"
 DONE_FILE = "done.json"
-STAGES = ("generate", "filter", "fewshot", "classification", "realism", "report")
+STAGES = ("generate", "filter", "fewshot", "classification", "decision", "realism", "report")
 DEFAULT_GENERATE_METHOD = "draem"
 # Keys of a section that the runner fills in itself (a user value would silently fight the runner's layout).
 RUNNER_KEYS = {
@@ -73,6 +75,7 @@ RUNNER_KEYS = {
     "filter": ("generated", "out"),
     "fewshot": ("data",),  # and synthetic_set, unless the section sets it (see _fewshot_wants_shared)
     "classification": ("data",),
+    "decision": ("data",),
 }
 
 
@@ -107,6 +110,7 @@ class PipelineConfig(StrictModel):
     filter: dict[str, Any] | None = None
     fewshot: dict[str, Any] | None = None
     classification: dict[str, Any] | None = None
+    decision: dict[str, Any] | None = None
     realism: RealismOptions | None = Field(None, description="true or options: measure every synthetic set")
     report: ReportOptions = Field(default_factory=ReportOptions)
 
@@ -157,7 +161,12 @@ def _section_models() -> dict[str, Callable[[], type[BaseModel]]]:
         from pipelines.classification import ClassificationConfig
         return ClassificationConfig
 
-    return {"generate": generate, "filter": filter_, "fewshot": fewshot, "classification": classification}
+    def decision() -> type[BaseModel]:
+        from pipelines.decision import DecisionConfig
+        return DecisionConfig
+
+    return {"generate": generate, "filter": filter_, "fewshot": fewshot, "classification": classification,
+            "decision": decision}
 
 
 @dataclass
@@ -203,7 +212,7 @@ def _check_sections(cfg: PipelineConfig, source: str) -> tuple[dict[str, BaseMod
     sections: dict[str, BaseModel] = {}
     seeds: dict[str, dict[str, Any]] = {}
     models = _section_models()
-    for stage in ("generate", "filter", "fewshot", "classification"):
+    for stage in ("generate", "filter", "fewshot", "classification", "decision"):
         raw = getattr(cfg, stage)
         if raw is None:
             continue
@@ -363,13 +372,14 @@ def _dependencies(stage: str, loaded: LoadedConfig, enabled: set[str]) -> list[s
         "filter": ["generate"],
         "fewshot": [synthetic] if fewshot_uses_shared_set(loaded) else [],
         "classification": [],
+        "decision": [],
         "realism": [s for s in realism if s in enabled],
     }[stage]
 
 
 def enabled_stages(loaded: LoadedConfig) -> list[str]:
     """The stages this config runs, in order (``report`` always)."""
-    out = [s for s in ("generate", "filter", "fewshot", "classification") if s in loaded.sections]
+    out = [s for s in ("generate", "filter", "fewshot", "classification", "decision") if s in loaded.sections]
     if loaded.config.realism is not None:
         out.append("realism")
     return [*out, "report"]
@@ -464,6 +474,12 @@ def stage_classification(ctx: StageContext) -> dict[str, Any]:
     return run_classification(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
 
 
+def stage_decision(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.decision import run_decision
+
+    return run_decision(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
 def _subsample(items: list, limit: int, seed: int) -> list:
     if len(items) <= limit:
         return items
@@ -539,6 +555,7 @@ STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
     "filter": stage_filter,
     "fewshot": stage_fewshot,
     "classification": stage_classification,
+    "decision": stage_decision,
     "realism": stage_realism,
 }
 """Looked up at run time, so tests (and extensions) can swap a stage."""
@@ -569,7 +586,7 @@ def _read_done(plan: StagePlan) -> dict[str, Any] | None:
 # Stages whose pipeline caches finished units under ``work/`` by their own keys (few-shot cells, classifiers):
 # a new stage folder starts from a copy of the latest sibling's ``work/``, so a changed section recomputes only
 # the units it affects. A copy, not links: the pipelines append to manifests in place.
-WARM_STAGES = ("fewshot", "classification")
+WARM_STAGES = ("fewshot", "classification", "decision")
 
 
 def warm_start(plan: StagePlan) -> Path | None:

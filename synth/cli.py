@@ -35,6 +35,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=GENERATE_METHODS)
     parser.add_argument("--blend", choices=("alpha", "poisson", "texture"), help="blend mode of method paste")
     parser.add_argument("--foreground", choices=("auto", "object", "texture"))
+    parser.add_argument("--normal-match", choices=("any", "exemplar"),
+                        help="method paste: 'exemplar' prefers normals resembling the defects' source images")
     parser.add_argument("--defect-class", help="class label for perlin/draem/cutpaste samples")
     parser.add_argument("--n", type=int, help="number of defect samples")
     parser.add_argument("--out", type=Path, help="output folder (a labeled defect set)")
@@ -48,8 +50,8 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _generate_config(args: argparse.Namespace) -> GenerateConfig:
-    keys = ("normal", "masks", "defects", "anomaly_source", "method", "blend", "foreground", "defect_class", "n",
-            "out", "seed", "strict", "copy_normals")
+    keys = ("normal", "masks", "defects", "anomaly_source", "method", "blend", "foreground", "normal_match",
+            "defect_class", "n", "out", "seed", "strict", "copy_normals")
     cfg = load_config(GenerateConfig, args.config, {k: getattr(args, k) for k in keys})
     if args.set:
         cfg.method_params = {**cfg.method_params, **_parse_set(args.set)}

@@ -40,6 +40,9 @@ class GenerateConfig(StrictModel):
     anomaly_source: Path | None = Field(None, description="texture folder for DRAEM (e.g. DTD); default: self")
     blend: Literal["alpha", "poisson", "texture"] = "alpha"
     foreground: Literal["auto", "object", "texture"] = "auto"
+    normal_match: Literal["any", "exemplar"] = Field(
+        "any", description="method paste: 'any' cycles through the normals in a seeded order; 'exemplar' draws "
+        "them in proportion to how much they resemble the defects' source images (synth.context)")
     defect_class: str | None = Field(None, description="class label for perlin/draem/cutpaste samples")
     copy_normals: bool = Field(True, description="copy the normal images into train/good")
     strict: bool = Field(False, description="fail on the first unreadable file instead of skipping it")

@@ -3,8 +3,10 @@
 Guarantees:
 - Same config and seed -> byte-identical output folder (PNG writes, sorted JSON, no timestamps).
 - Every sample ``i`` draws from its own generator seeded by ``SeedSequence([seed, i])`` and uses a normal image
-  chosen by a seeded permutation, so a run that was killed and restarted with the same command resumes
-  where it stopped and ends with exactly the files of an uninterrupted run.
+  chosen by a seeded permutation (``normal_match: any``, the default) or drawn from the context weights of
+  :mod:`synth.context` by a generator of its own, seeded from ``sample_seed(seed, i)`` (``normal_match:
+  exemplar``, method paste), so a run that was killed and restarted with the same command resumes where it
+  stopped and ends with exactly the files of an uninterrupted run.
 - Files are written atomically and a sample's manifest row is appended only after its files exist.
 """
 
@@ -124,6 +126,17 @@ def _method_params_error(method: str, target: Callable[..., Any], exc: Exception
     return InputError(f"method_params for {method!r}: {exc}{hint} (--set KEY=VALUE or method_params: in the config).")
 
 
+@dataclass
+class _PasteGenerator:
+    """Method paste; keeps the placer so ``normal_match: exemplar`` can read the loaded exemplars."""
+
+    placer: Any
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
+        result = self.placer(image, rng)
+        return GeneratedDefect(result.image, result.mask, result.defect_class, result.params)
+
+
 def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> DefectGenerator:
     """The per-image generator for ``cfg.method`` (see ``GenerateConfig``)."""
     params = dict(cfg.method_params)
@@ -151,11 +164,7 @@ def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> De
         except (TypeError, ValueError) as exc:
             raise _method_params_error(cfg.method, MaskGuidedPlacer, exc) from None
 
-        def paste(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
-            result = placer(image, rng)
-            return GeneratedDefect(result.image, result.mask, result.defect_class, result.params)
-
-        return paste
+        return _PasteGenerator(placer)
 
     from synth.augment import AUGMENTERS
 
@@ -177,11 +186,15 @@ def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> De
     return augment
 
 
-def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str]) -> list[Path]:
+def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str],
+                      descriptors: list[np.ndarray] | None = None) -> list[Path]:
+    """The readable images of ``paths``; appends each one's context descriptor when ``descriptors`` is a list."""
+    from synth.context import image_descriptor
+
     ok = []
     for path in paths:
         try:
-            read_image(path)
+            image = read_image(path)
         except InputError as exc:
             if strict:
                 raise
@@ -189,6 +202,8 @@ def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str]) -
             skipped.append(str(exc))
             continue
         ok.append(path)
+        if descriptors is not None:  # described while it is in memory anyway: every normal is read only once here
+            descriptors.append(image_descriptor(image))
     return ok
 
 
@@ -196,7 +211,34 @@ def _config_record(cfg: GenerateConfig) -> dict[str, Any]:
     record = cfg.model_dump(mode="json")
     record.pop("out")
     record.pop("preview")
+    if record.get("normal_match") == "any":
+        # The default is left out so folders written before the key existed still resume without complaint.
+        record.pop("normal_match")
     return record
+
+
+# Stream id mixed into sample_seed for the normal-image draw of normal_match 'exemplar': a stream separate from
+# the sample's generator, so the choice of normal does not shift the defect's own random draws.
+_NORMAL_STREAM = 1
+
+
+def _normal_weights(generator: DefectGenerator, descriptors: list[np.ndarray],
+                    normals: Sequence[Path]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Context weights of the normals for ``normal_match: exemplar`` and a summary for dataset_info.json."""
+    from synth.context import DESCRIPTOR_NAMES, context_weights, exemplar_descriptor, weights_summary
+
+    assert isinstance(generator, _PasteGenerator)  # generate() checked method == paste
+    exemplars = generator.placer.exemplars
+    weights = context_weights(np.stack(descriptors), np.stack([exemplar_descriptor(ex) for ex in exemplars]))
+    summary = {"mode": "exemplar", "descriptor": list(DESCRIPTOR_NAMES), "exemplars": len(exemplars),
+               **weights_summary(weights, [p.name for p in normals])}
+    if len(normals) > 2 and summary["effective_normals"] < 2:
+        # Happens when the defect images look unlike every normal (other exposure, other surface): the kernels
+        # then pick the single nearest normal and the generated set loses its variety.
+        logger.warning("normal_match 'exemplar': %.0f%% of the samples will use %s; the defect images resemble "
+                       "few of the %d normal images (use normal_match 'any' for variety)",
+                       100 * summary["max_weight"], summary["top"][0]["image"], len(normals))
+    return weights, summary
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -228,8 +270,13 @@ def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray 
 
 def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
     """Run ``synth generate`` for a validated config; resumes when ``cfg.out`` holds a partial run."""
+    if cfg.normal_match == "exemplar" and cfg.method != "paste":
+        raise InputError(f"normal_match 'exemplar' matches normal images to the real defects' source images and "
+                         f"needs method 'paste', got method {cfg.method!r}; use --method paste with --masks DIR, "
+                         f"or set normal_match: any (--normal-match any).")
     skipped: list[str] = []
-    normals = _readable_normals(list_images(cfg.normal), cfg.strict, skipped)
+    descriptors: list[np.ndarray] | None = [] if cfg.normal_match == "exemplar" else None
+    normals = _readable_normals(list_images(cfg.normal), cfg.strict, skipped, descriptors)
     if not normals:
         raise InputError(f"{cfg.normal}: none of the images could be read; see the messages above.")
     if cfg.n > len(normals):
@@ -251,6 +298,10 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
                 writer.add_file(path, split="train", source_image=str(path))
 
     order = np.random.default_rng(cfg.seed).permutation(len(normals))
+    weights, extra = None, {}
+    if descriptors is not None:
+        weights, summary = _normal_weights(generator, descriptors, normals)
+        extra = {"normal_match": summary}
     done_names = {s.name for s in writer.samples if s.split == "test"}
     resumed_from = sum(1 for i in range(cfg.n) if f"{cfg.method}_{i:05d}" in done_names)
     with tqdm(total=cfg.n, initial=resumed_from, desc=f"synth generate {cfg.method}", unit="img",
@@ -259,8 +310,11 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
             name = f"{cfg.method}_{index:05d}"
             if name in done_names:
                 continue
-            source = normals[order[index % len(normals)]]
             seed = sample_seed(cfg.seed, index)
+            if weights is None:
+                source = normals[order[index % len(normals)]]
+            else:
+                source = normals[int(np.random.default_rng([seed, _NORMAL_STREAM]).choice(len(normals), p=weights))]
             result = generator(read_image(source), np.random.default_rng(seed))
             anomalous = bool(result.mask.any())
             writer.add(result.image, name=name, split="test",
@@ -269,7 +323,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
                        seed=seed, source_image=str(source))
             bar.update(1)
 
-    dataset = writer.finalize({"generator": cfg.method, "config": record, "skipped_files": skipped})
+    dataset = writer.finalize({"generator": cfg.method, "config": record, "skipped_files": skipped, **extra})
     preview = make_preview(dataset, cfg.preview)
     if preview is not None:
         write_image(cfg.out / "preview.png", preview)

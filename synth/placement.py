@@ -12,7 +12,12 @@ were cut from) and many normal images. This module turns them into new labeled d
 4. :func:`blend` renders the defect into the normal image: ``alpha`` (feathered paint),
    ``poisson`` (``cv2.seamlessClone`` of the real defect patch) or ``texture`` (the real defect's
    deviation from its own background added to the new surface).
-5. :class:`MaskGuidedPlacer` ties the steps together for a list of :class:`DefectExemplar`.
+5. :class:`MaskGuidedPlacer` ties the steps together for a list of :class:`DefectExemplar`. By default
+   positions are uniform on the foreground, rotations uniform in a range and appearance copied as is;
+   ``position="exemplar"``, ``orientation="exemplar"`` and ``harmonize=True`` instead make the new
+   defects follow the statistics of the few real exemplars of their class (a smoothed bootstrap: copy
+   exemplar ``j``'s normalised position / orientation, add Gaussian kernel noise whose bandwidth is
+   Scott's rule over the class) and match their brightness/contrast to the target surface.
 
 Conventions: images are ``uint8`` HxWx3 RGB, masks are ``bool`` HxW (True = defect), all randomness
 comes from an explicit ``numpy.random.Generator`` (same seed -> identical output) and bad input raises
@@ -41,8 +46,10 @@ __all__ = [
     "Deformation",
     "ForegroundKind",
     "MaskGuidedPlacer",
+    "OrientationMode",
     "PlacementError",
     "PlacementResult",
+    "PositionMode",
     "blend",
     "deform_exemplar",
     "deform_mask",
@@ -51,6 +58,7 @@ __all__ = [
     "estimate_foreground",
     "fit_to_shape",
     "place_mask",
+    "principal_axis_angle",
     "resolve_foreground_kind",
 ]
 
@@ -58,6 +66,8 @@ BlendMode = Literal["alpha", "poisson", "texture"]
 CloneMode = Literal["normal", "mixed"]
 ForegroundKind = Literal["auto", "object", "texture"]
 Polarity = Literal["dark", "bright", "random"]
+PositionMode = Literal["uniform", "exemplar"]
+OrientationMode = Literal["random", "exemplar"]
 
 _BLEND_MODES: tuple[str, ...] = ("alpha", "poisson", "texture")
 _CLONE_FLAGS = {"normal": cv2.NORMAL_CLONE, "mixed": cv2.MIXED_CLONE}
@@ -891,10 +901,203 @@ class PlacementResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+# Exemplar statistics for position="exemplar" / orientation="exemplar". Both are a smoothed bootstrap:
+# pick exemplar j, copy its statistic, add Gaussian kernel noise with the class's Scott's-rule bandwidth, i.e.
+# draw from the kernel density estimate of the class's few real exemplars.
+_SIDES = ("top", "bottom", "left", "right")
+_MIRROR = {"top": "bottom", "bottom": "top", "left": "right", "right": "left"}
+# harmonize: the "placed mask dilated by a few px" whose mean brightness is compared (2 px = the band that
+# estimate_background inpaints, so source and target means cover the same surface), and the outer radius of
+# the ring whose spread is compared. On a coarse texture (skimage gravel, same surface twice as bright) a
+# 4-px ring gives contrast factors of 0.97-1.39 (10-90 %) instead of 1; 12 px gives 0.84-1.13 around 1.0
+# and still fits the >= 16-px margin of the prepared exemplar crop.
+_HARMONIZE_CORE = 2
+_HARMONIZE_RING = 12
+_GAIN_LIMITS = (0.25, 4.0)
+# Below these (grey levels) a surface is flat or black: a std/mean ratio of it is noise, not contrast.
+_MIN_STD, _MIN_MEAN = 0.5, 1.0
+
+
+def principal_axis_angle(mask: np.ndarray) -> float:
+    """Angle of a mask's principal axis in degrees, in [0, 180).
+
+    From the second central moments of the True pixels, ``0.5 * atan2(2 mu11, mu20 - mu02)`` with x to the
+    right and y downwards: 0 = horizontal, 90 = vertical, 45 = running right-down. Axial (an axis has no
+    head), so 0 and 180 are the same; a round mask has no defined axis and gives an arbitrary angle.
+    """
+    _check_mask(mask, "mask")
+    ys, xs = np.nonzero(mask)
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    mu20, mu02, mu11 = float((dx * dx).mean()), float((dy * dy).mean()), float((dx * dy).mean())
+    return math.degrees(0.5 * math.atan2(2.0 * mu11, mu20 - mu02)) % 180.0
+
+
+def _scott_std(values: np.ndarray, dims: int) -> float:
+    """Scott's-rule bandwidth ``sample std * n^(-1/(d+4))`` of n values; 0 when n < 2."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    return float(np.std(values, ddof=1)) * n ** (-1.0 / (dims + 4))
+
+
+def _axial_bandwidth(angles: Sequence[float], weights: Sequence[float] | None = None) -> float:
+    """Scott's-rule bandwidth (degrees) of axial angles (period 180); 0 when fewer than two.
+
+    Axial data wrap at 180, so the spread is the circular std of the *doubled* angles, halved back:
+    ``std = degrees(sqrt(-2 ln R)) / 2`` with R the (weighted) mean resultant length of ``2 * angle``, times
+    ``n_eff^(-1/5)`` (Scott, d = 1; ``n_eff = (sum w)^2 / sum w^2``). ``weights`` are the exemplars'
+    elongations: a round defect has no axis, so its arbitrary angle must not widen the spread of the elongated
+    ones (a class of horizontal bands plus one blob keeps its bands horizontal). All weights 0 (only round
+    defects): 180, any rotation. Capped at 180: beyond that the Gaussian rotation is already uniform.
+    """
+    n = len(angles)
+    if n < 2:
+        return 0.0
+    w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
+    if w.sum() <= 1e-12:
+        return 180.0
+    doubled = np.radians(2.0 * np.asarray(angles, np.float64))
+    resultant = float(np.hypot((w * np.cos(doubled)).sum(), (w * np.sin(doubled)).sum()) / w.sum())
+    resultant = min(1.0, max(resultant, 1e-12))  # rounding can give 1 + eps; 0 (no axis) would be log(0)
+    # max(0.0, .): log(1.0) gives -2 * 0.0 == -0.0, and numpy's normal() refuses a scale of -0.0
+    std = math.degrees(math.sqrt(max(0.0, -2.0 * math.log(resultant)))) / 2.0
+    n_eff = float(w.sum() ** 2 / (w**2).sum())
+    return min(180.0, std * n_eff ** (-1.0 / 5.0))
+
+
+def elongation(mask: np.ndarray) -> float:
+    """1 - (minor / major) second-moment eigenvalue ratio of a mask's pixels: 0 round, -> 1 a thin line."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 2:
+        return 0.0
+    cov = np.cov(np.stack([xs, ys]).astype(np.float64))
+    low, high = np.linalg.eigvalsh(cov)
+    return float(1.0 - max(low, 0.0) / high) if high > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _ExemplarStats:
+    centroid: tuple[float, float]  # (cy / H, cx / W) in the source image; pixel i has centre i + 0.5
+    extent: tuple[float, float]  # bounding-box (height / H, width / W)
+    sides: frozenset[str]  # image sides the mask touches
+    angle: float  # principal axis, degrees in [0, 180)
+    elongation: float  # 0 round (no meaningful axis) .. 1 line
+
+
+def _exemplar_stats(mask: np.ndarray) -> _ExemplarStats:
+    h, w = mask.shape
+    ys, xs = np.nonzero(mask)
+    y0, y1, x0, x1 = _bbox(mask)
+    touched = (mask[0].any(), mask[-1].any(), mask[:, 0].any(), mask[:, -1].any())
+    return _ExemplarStats(
+        # Pixel centres at i + 0.5 make a flip exactly c -> 1 - c and the image centre exactly 0.5.
+        centroid=((float(ys.mean()) + 0.5) / h, (float(xs.mean()) + 0.5) / w),
+        extent=((y1 - y0) / h, (x1 - x0) / w),
+        sides=frozenset(side for side, hit in zip(_SIDES, touched, strict=True) if hit),
+        angle=principal_axis_angle(mask),
+        elongation=elongation(mask),
+    )
+
+
+def _place_at_target(
+    crop: np.ndarray,
+    hw: tuple[int, int],
+    foreground: np.ndarray,
+    target: tuple[float, float],
+    sides: frozenset[str],
+    min_inside: float,
+) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """Put ``crop`` (a tight mask) with its centroid at the normalised ``target``, snapped to ``sides``.
+
+    Returns ``None`` when fewer than ``min_inside`` of its pixels land on the foreground.
+    """
+    h_img, w_img = hw
+    h, w = crop.shape
+    ys, xs = np.nonzero(crop)
+    top = round(target[0] * h_img - 0.5 - float(ys.mean()))
+    left = round(target[1] * w_img - 0.5 - float(xs.mean()))
+    # A defect can touch only one of two opposite sides unless it spans the image; then the side nearer
+    # the target wins.
+    for low, high, axis in (("top", "bottom", 0), ("left", "right", 1)):
+        touch_low = low in sides and (high not in sides or target[axis] < 0.5)
+        touch_high = high in sides and not touch_low
+        limit = (h_img - h) if axis == 0 else (w_img - w)
+        value = 0 if touch_low else limit if touch_high else (top if axis == 0 else left)
+        if axis == 0:
+            top = int(min(max(value, 0), h_img - h))
+        else:
+            left = int(min(max(value, 0), w_img - w))
+    area = int(crop.sum())
+    inside = int(np.count_nonzero(foreground[top : top + h, left : left + w] & crop))
+    if inside < min_inside * area - 1e-6:
+        return None
+    full = np.zeros(hw, bool)
+    full[top : top + h, left : left + w] = crop
+    return full, (top, left)
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32).mean(axis=2)
+
+
+class _Surface(NamedTuple):
+    """Grey-level statistics of the surface around a defect (see :func:`_surface_stats`)."""
+
+    core_mean: float  # over the mask dilated by 2 px
+    ring_mean: float  # over the ring D(mask, 12) - D(mask, 2)
+    ring_std: float
+    region_mean: tuple[float, float, float]  # per channel over D(mask, 12)
+
+
+def _surface_stats(image: np.ndarray, mask: np.ndarray) -> _Surface:
+    """Statistics of ``image`` (a defect-free surface) under and around ``mask``; grey = channel mean.
+
+    The spread is taken on the ring only: under the mask a background *estimate* is smooth inpainting, whose
+    low variance says nothing about the surface.
+    """
+    gray = _gray(image)
+    core, region = _dilate(mask, _HARMONIZE_CORE), _dilate(mask, _HARMONIZE_RING)
+    ring = region & ~core
+    ring_px = gray[ring] if ring.any() else gray[region]
+    mean = image[region].astype(np.float64).mean(axis=0)
+    return _Surface(
+        float(gray[core].mean()),
+        float(ring_px.mean()),
+        float(ring_px.std()),
+        (float(mean[0]), float(mean[1]), float(mean[2])),
+    )
+
+
+def _texture_gain(target: _Surface, source: _Surface) -> tuple[float, float, float]:
+    """``(gain, brightness, contrast)`` for ``harmonize`` with the texture blend; see :class:`MaskGuidedPlacer`."""
+    lo, hi = _GAIN_LIMITS
+    brightness = float(np.clip(target.core_mean / max(source.core_mean, _MIN_MEAN), lo, hi))
+    # Relative contrast (std/mean of the surrounding rings) is measured and recorded but not applied: on striped
+    # surfaces it measures the texture, not how deep the defect is, and multiplying it in swung the gain of magnetic
+    # tile defects between 0.2 and 2.4 (defects that vanished or burned out); brightness alone is the reflectance
+    # model (a hole 45 % darker than its surface stays 45 % darker).
+    contrast = 1.0
+    if min(target.ring_std, source.ring_std) >= _MIN_STD and min(target.ring_mean, source.ring_mean) >= _MIN_MEAN:
+        ratio = (target.ring_std / target.ring_mean) / (source.ring_std / source.ring_mean)
+        contrast = float(np.clip(ratio, lo, hi))
+    return brightness, brightness, contrast
+
+
+def _match_patch(patch: np.ndarray, target: _Surface, source: _Surface) -> tuple[np.ndarray, float, list[float]]:
+    """``harmonize`` for the alpha blend: ``patch' = gain * patch + shift`` per channel, as uint8; see the class."""
+    gain = 1.0
+    if min(target.ring_std, source.ring_std) >= _MIN_STD:
+        gain = float(np.clip(target.ring_std / source.ring_std, *_GAIN_LIMITS))
+    shift = np.asarray(target.region_mean) - gain * np.asarray(source.region_mean)
+    matched = np.clip(np.rint(patch.astype(np.float32) * gain + shift.astype(np.float32)), 0, 255)
+    return matched.astype(np.uint8), gain, [float(v) for v in shift]
+
+
 @dataclass(frozen=True)
 class _Prepared:
     mask: np.ndarray
     patches: tuple[np.ndarray, ...]  # () or (image crop, background crop)
+    surface: _Surface | None = None  # background statistics around the undeformed mask (harmonize)
 
 
 def _validate_exemplar(ex: Any, index: int) -> None:
@@ -944,6 +1147,41 @@ class MaskGuidedPlacer:
             likely, then an exemplar of it uniformly.
         feather, clone_mode, alpha_polarity: passed to :func:`blend` (defaults 3, "normal", "random").
         max_attempts: deformations tried before :class:`PlacementError` when placements fail. Default 5.
+        position: ``"uniform"`` (default): uniform over the valid positions (:func:`place_mask`).
+            ``"exemplar"``: the placed mask's centroid goes to the chosen exemplar j's normalised centroid
+            (cy / H, cx / W in its own image), mirrored when the deformation flipped it (flip_h: cx -> 1 - cx,
+            flip_v: cy -> 1 - cy), plus Gaussian jitter with std per axis = Scott's rule
+            ``std(class centroids) * n^(-1/6)`` over the class's n exemplars, or half of exemplar j's
+            normalised bounding-box extent on an axis where that is 0 (n == 1 or no spread); clipped to
+            [0, 1]. If exemplar j touches image sides, the copy is snapped to the same (mirrored) sides; of
+            two opposite sides only the one nearer the target. Rotation moves neither target nor sides: it
+            turns the defect about its own centre, whereas the statistics say where on the part defects
+            occur. A position with less than ``min_inside`` on the foreground falls back to
+            :func:`place_mask` (``params["position_fallback"]``).
+        orientation: ``"random"`` (default): rotation uniform in ``rotation``. ``"exemplar"``: rotation
+            ~ Normal(0, s) relative to exemplar j's own orientation (``rotation`` is ignored), with s =
+            Scott's-rule bandwidth of the class's principal-axis angles (see :func:`principal_axis_angle`;
+            circular std of the doubled angles, halved, times n^(-1/5)); s = 0 for a single exemplar.
+            Flips still happen when ``flip=True`` (a flip mirrors an axis angle a -> -a, which keeps
+            horizontal/vertical defects so; pass ``flip=False`` to keep every angle).
+        harmonize: match the transferred defect's brightness/contrast to the target surface (default False).
+            Grey = channel mean; ``D(m, r)`` = m dilated by a (2r+1)-square; source statistics are taken on
+            the exemplar's background estimate around its undeformed mask, target ones on the normal image
+            around the placed mask; ``ring = D(m, 12) - D(m, 2)``; ``clip`` = clip to [0.25, 4].
+            ``"texture"``: the deviation is multiplied by ``gain = brightness =
+            clip(mean_t(D(m, 2)) / mean_s(D(m, 2)))``, which keeps the defect's depth relative to its surface
+            (45 % darker stays 45 % darker on a brighter part). The rings' relative contrast ``clip((std_t /
+            mean_t) / (std_s / mean_s))`` is recorded as ``harmonize_contrast`` but not applied (on striped
+            surfaces it measures the texture, not the defect; 1 when a ring is flat or black).
+            ``"alpha"`` with defect images: ``patch' = gain * patch + shift_c`` with
+            ``gain = clip(std_t / std_s)`` over the rings (1 when one is flat) and ``shift_c = mean_t,c -
+            gain * mean_s,c`` over ``D(m, 12)``, so the patch's surface gets the target's local mean and
+            spread. ``"poisson"`` and masks-only alpha: no-op (the Poisson solve, resp. the paint, already
+            use the target's intensities). Records ``harmonize_gain`` (1.0 for no-ops). Pixels still change
+            only within ``feather`` px of the mask.
+
+    The ``position``/``orientation``/``harmonize`` options add their own keys to ``params``; with their
+    defaults the output (and the random stream) is exactly that of earlier versions.
     """
 
     # Context kept around deformed patches: covers the clone dilation and the default feather.
@@ -968,6 +1206,9 @@ class MaskGuidedPlacer:
         clone_mode: CloneMode = "normal",
         alpha_polarity: Polarity = "random",
         max_attempts: int = 5,
+        position: PositionMode = "uniform",
+        orientation: OrientationMode = "random",
+        harmonize: bool = False,
     ) -> None:
         if isinstance(exemplars, DefectExemplar) or not isinstance(exemplars, Sequence) or not exemplars:
             raise InputError(
@@ -998,6 +1239,12 @@ class MaskGuidedPlacer:
             raise InputError(f"max_attempts must be >= 1 and feather >= 0, got {max_attempts} and {feather}")
         if clone_mode not in _CLONE_FLAGS:
             raise InputError(f"clone_mode must be 'normal' or 'mixed', got {clone_mode!r}")
+        if position not in ("uniform", "exemplar"):
+            raise InputError(f"position must be 'uniform' or 'exemplar', got {position!r}")
+        if orientation not in ("random", "exemplar"):
+            raise InputError(f"orientation must be 'random' or 'exemplar', got {orientation!r}")
+        if not isinstance(harmonize, (bool, np.bool_)):
+            raise InputError(f"harmonize must be true or false, got {harmonize!r}")
         _check_range(scale, "scale", positive=True)
         _check_range(rotation, "rotation")
         self.exemplars: tuple[DefectExemplar, ...] = tuple(exemplars)
@@ -1016,8 +1263,22 @@ class MaskGuidedPlacer:
         self.clone_mode = clone_mode
         self.alpha_polarity = alpha_polarity
         self.max_attempts = int(max_attempts)
+        self.position: PositionMode = position
+        self.orientation: OrientationMode = orientation
+        self.harmonize = bool(harmonize)
         self.classes: tuple[str, ...] = tuple(sorted({ex.defect_class for ex in self.exemplars}))
         self._prepared = [self._prepare(ex) for ex in self.exemplars]
+        self._stats = [_exemplar_stats(ex.mask) for ex in self.exemplars]
+        # Per-class kernel bandwidths: (cy, cx) position std (0 = use the exemplar's half extent) and the
+        # rotation std in degrees.
+        self._position_std: dict[str, tuple[float, float]] = {}
+        self._rotation_std: dict[str, float] = {}
+        for cls in self.classes:
+            members = [st for st, ex in zip(self._stats, self.exemplars, strict=True) if ex.defect_class == cls]
+            centroids = np.array([st.centroid for st in members], np.float64)
+            self._position_std[cls] = (_scott_std(centroids[:, 0], 2), _scott_std(centroids[:, 1], 2))
+            self._rotation_std[cls] = _axial_bandwidth([st.angle for st in members],
+                                                       [st.elongation for st in members])
 
     def _prepare(self, ex: DefectExemplar) -> _Prepared:
         """Crop each exemplar once and estimate its background with generous context."""
@@ -1032,7 +1293,10 @@ class MaskGuidedPlacer:
         if ex.image is None:
             return _Prepared(mask, ())
         image = np.ascontiguousarray(ex.image[win])
-        return _Prepared(mask, (image, estimate_background(image, mask)))
+        background = estimate_background(image, mask)
+        # Measured once on the undeformed exemplar: its real surroundings, not the reflected context of a patch.
+        surface = _surface_stats(background, mask) if self.harmonize else None
+        return _Prepared(mask, (image, background), surface)
 
     def choose_exemplar(self, rng: np.random.Generator) -> int:
         """Index of the exemplar to use next (uniform or class-balanced, see ``balance``)."""
@@ -1042,6 +1306,43 @@ class MaskGuidedPlacer:
             members = [i for i, ex in enumerate(self.exemplars) if ex.defect_class == cls]
             return members[int(rng.integers(len(members)))]
         return int(rng.integers(len(self.exemplars)))
+
+    def _exemplar_target(
+        self, index: int, deform: DeformParams, rng: np.random.Generator
+    ) -> tuple[tuple[float, float], tuple[float, float], frozenset[str]]:
+        """Jittered, mirrored target centroid (normalised), the jitter std and the sides to touch."""
+        stats = self._stats[index]
+        class_std = self._position_std[self.exemplars[index].defect_class]
+        std = (
+            class_std[0] if class_std[0] > 0 else 0.5 * stats.extent[0],
+            class_std[1] if class_std[1] > 0 else 0.5 * stats.extent[1],
+        )
+        cy, cx = stats.centroid
+        sides = set(stats.sides)
+        if deform.flip_v:
+            cy = 1.0 - cy
+            sides = {_MIRROR[s] if s in ("top", "bottom") else s for s in sides}
+        if deform.flip_h:
+            cx = 1.0 - cx
+            sides = {_MIRROR[s] if s in ("left", "right") else s for s in sides}
+        ty = float(np.clip(cy + rng.normal(0.0, std[0]), 0.0, 1.0))
+        tx = float(np.clip(cx + rng.normal(0.0, std[1]), 0.0, 1.0))
+        return (ty, tx), std, frozenset(sides)
+
+    def _harmonize(
+        self, normal: np.ndarray, full_mask: np.ndarray, prep: _Prepared, patches: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray | None, float, dict[str, Any]]:
+        """``(source_patch, texture_gain, params)`` after brightness/contrast matching (see ``harmonize``)."""
+        patch = patches[0] if patches else None
+        if prep.surface is None or self.blend_mode == "poisson" or patch is None:
+            return patch, 1.0, {"harmonize": True, "harmonize_gain": 1.0}
+        target = _surface_stats(normal, full_mask)
+        if self.blend_mode == "texture":
+            gain, brightness, contrast = _texture_gain(target, prep.surface)
+            record = {"harmonize_brightness": brightness, "harmonize_contrast": contrast}
+            return patch, gain, {"harmonize": True, "harmonize_gain": gain, **record}
+        matched, gain, shift = _match_patch(patch, target, prep.surface)
+        return matched, 1.0, {"harmonize": True, "harmonize_gain": gain, "harmonize_shift": shift}
 
     def __call__(self, normal_image: np.ndarray, rng: np.random.Generator) -> PlacementResult:
         """Place one new defect on ``normal_image``; raises :class:`PlacementError` if none fits."""
@@ -1057,14 +1358,22 @@ class MaskGuidedPlacer:
             size_factor = min(hw) / min(ex.mask.shape)
         scale = (self.scale[0] * size_factor, self.scale[1] * size_factor)
         ctx = self._CONTEXT if prep.patches else 0
+        rotation_std = self._rotation_std[ex.defect_class]
         error: PlacementError | None = None
         for attempt in range(1, self.max_attempts + 1):
+            extra: dict[str, Any] = {}
+            rotation = self.rotation
+            if self.orientation == "exemplar":
+                # Drawn even when the std is 0 so the random stream doesn't depend on the class size.
+                angle = float(rng.normal(0.0, rotation_std))
+                rotation = (angle, angle)
+                extra.update(orientation="exemplar", rotation_std=float(rotation_std))
             deformed = deform_exemplar(
                 prep.mask,
                 rng,
                 patches=prep.patches,
                 scale=scale,
-                rotation=self.rotation,
+                rotation=rotation,
                 flip=self.flip,
                 elastic_alpha=self.elastic_alpha,
                 elastic_sigma=self.elastic_sigma,
@@ -1073,22 +1382,41 @@ class MaskGuidedPlacer:
             )
             mask_ctx, patches, fit = fit_to_shape(deformed.mask, hw, patches=deformed.patches, context=ctx)
             tight = mask_ctx[ctx : mask_ctx.shape[0] - ctx, ctx : mask_ctx.shape[1] - ctx]
-            try:
-                full_mask, (top, left) = place_mask(tight, hw, foreground, rng, min_inside=self.min_inside)
-            except PlacementError as exc:
-                error = exc
-                continue
+            placed = None
+            if self.position == "exemplar":
+                target, std, sides = self._exemplar_target(index, deformed.params, rng)
+                placed = _place_at_target(tight, hw, foreground, target, sides, self.min_inside)
+                extra.update(
+                    position="exemplar",
+                    target_centroid=[target[0], target[1]],
+                    position_std=[float(std[0]), float(std[1])],
+                    target_sides=sorted(sides),
+                    position_fallback=placed is None,
+                )
+            if placed is None:
+                try:
+                    placed = place_mask(tight, hw, foreground, rng, min_inside=self.min_inside)
+                except PlacementError as exc:
+                    error = exc
+                    continue
+            full_mask, (top, left) = placed
+            source_patch = patches[0] if patches else None
+            texture_gain = 1.0
+            if self.harmonize:
+                source_patch, texture_gain, record = self._harmonize(normal_image, full_mask, prep, patches)
+                extra.update(record)
             image, mask = blend(
                 normal_image,
                 full_mask,
                 mode=self.blend_mode,
                 rng=rng,
-                source_patch=patches[0] if patches else None,
+                source_patch=source_patch,
                 source_background=patches[1] if patches else None,
                 patch_offset=(top - ctx, left - ctx),
                 feather=self.feather,
                 clone_mode=self.clone_mode,
                 alpha_polarity=self.alpha_polarity,
+                texture_gain=texture_gain,
             )
             inside = float(np.count_nonzero(full_mask & foreground)) / float(np.count_nonzero(full_mask))
             params: dict[str, Any] = {
@@ -1108,6 +1436,7 @@ class MaskGuidedPlacer:
                 "clone_mode": self.clone_mode if self.blend_mode == "poisson" else None,
                 "feather": self.feather,
                 "attempts": attempt,
+                **extra,
             }
             return PlacementResult(image=image, mask=mask, defect_class=ex.defect_class, params=params)
         raise PlacementError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -121,6 +122,17 @@ def test_supervised_reaches_the_unsupervised_bar(supervised, fitted, split):
     assert supervised_auroc >= IMAGE_AUROC_BAR, (supervised_auroc, unsupervised_auroc)
 
 
+def test_step_budget_sets_the_epochs_from_the_training_set_size(brick_set, split):
+    """steps: the same optimizer-step budget whatever the number of anomalies (epochs = ceil(steps / batches))."""
+    options = {**BASE, "epochs": 1, "steps": 12, "batch_size": 8}
+    few = SuperSimpleNet(**options).fit(brick_set, anomalies=split[0][:1], progress=False, calibrate=False)
+    many = SuperSimpleNet(**options).fit(brick_set, anomalies=split[0], progress=False, calibrate=False)
+    n_normal = len(brick_set.select(split="train"))
+    # 1 anomaly x 4 flips, repeated to ~n_normal; 4 anomalies x 4 flips, repeated likewise
+    sizes = [n_normal + 4 * max(1, round(n_normal / 4)), n_normal + 16 * max(1, round(n_normal / 16))]
+    assert [len(few.history), len(many.history)] == [math.ceil(12 / math.ceil(n / 8)) for n in sizes]
+
+
 def test_anomalies_need_a_supervised_model(brick_set, split):
     with pytest.raises(InputError, match="supersimplenet"):
         detect.create("padim", image_size=SIZE).fit(brick_set, anomalies=split[0], progress=False)
@@ -189,6 +201,7 @@ def test_same_seed_same_model(brick_set, split, test_split):
     ("pool_size", 2), ("hidden_dim", 0), ("noise_std", 0.0), ("noise_scale", -1.0), ("anomaly_probability", 0.0),
     ("perlin_threshold", 1.5), ("stop_grad", "yes"), ("clip_grad_norm", -1.0), ("flips", 1), ("truncation", -0.1),
     ("focal_gamma", -1.0), ("blur_sigma", -1.0), ("score_mode", "mean"), ("layers", []), ("layers", [3, 2]),
+    ("steps", 0),
 ])
 def test_bad_config_names_the_key(key, value):
     with pytest.raises(ConfigError, match=f"key '{key}'"):

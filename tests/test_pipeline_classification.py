@@ -127,7 +127,7 @@ def test_crop_paste_is_an_unblended_bounding_box_copy():
     image = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
     mask = np.zeros((32, 32), bool)
     mask[5:9, 10:20] = True
-    out, out_mask = clf._crop_paste_one(normal, image, mask, np.random.default_rng(1))
+    out, out_mask = clf.crop_paste_one(normal, image, mask, np.random.default_rng(1))
     ys, xs = np.nonzero(out_mask)
     top, left = ys.min(), xs.min()
     assert out_mask.sum() == mask.sum()

@@ -38,6 +38,7 @@ Deviations (CPU-sized or offline):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +75,8 @@ class SuperSimpleNetConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     pool_size: side of the local average pooling (paper 3).
     hidden_dim: width of the segmentation head's hidden 1x1 conv (paper 1024).
     epochs: passes over the training images (paper 300; 100 here); batch_size: paper 32.
+    steps: optional optimizer-step budget instead of ``epochs``: the epochs become ceil(steps / batches per
+        epoch), so fits on training sets of different sizes get (within one epoch) the same compute; None: epochs.
     lr: adaptor learning rate (paper 1e-4); seg_lr, cls_lr: segmentation / classification head (paper 2e-4 each).
     weight_decay: AdamW weight decay of the heads (paper 1e-5); adaptor_weight_decay: of the adaptor (1e-2,
         AdamW's default, which the reference code keeps).
@@ -97,6 +100,7 @@ class SuperSimpleNetConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     """
 
     epochs: int = 100
+    steps: int | None = None
     lr: float = 1e-4
     batch_size: int = 32
     seg_lr: float = 2e-4
@@ -122,6 +126,7 @@ class SuperSimpleNetConfig(DetectorConfig, BackboneConfig, TrainingConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_training_config(self)
+        self.check(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps", "None or an integer >= 1")
         self.check(self.seg_lr > 0, "seg_lr", "> 0")
         self.check(self.cls_lr > 0, "cls_lr", "> 0")
         self.check(self.weight_decay >= 0, "weight_decay", ">= 0")
@@ -257,7 +262,8 @@ class SuperSimpleNet(Detector):
             {"params": list(model.head.cls_conv.parameters()) + list(model.head.cls_fc.parameters()),
              "lr": cfg.cls_lr, "weight_decay": cfg.weight_decay},
         ])
-        milestones = sorted({max(1, round(0.8 * cfg.epochs)), max(1, round(0.9 * cfg.epochs))})
+        epochs = cfg.epochs if cfg.steps is None else max(1, math.ceil(cfg.steps / math.ceil(len(ids) / bs)))
+        milestones = sorted({max(1, round(0.8 * epochs)), max(1, round(0.9 * epochs))})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=cfg.lr_gamma)
         rng = np.random.default_rng([cfg.seed, 1])
         noise_generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -275,7 +281,7 @@ class SuperSimpleNet(Detector):
 
         clip = float(settings["clip_grad_norm"])
         model.train()
-        self.history = train_loop(step, ids, optimizer, epochs=cfg.epochs, batch_size=bs, seed=cfg.seed,
+        self.history = train_loop(step, ids, optimizer, epochs=epochs, batch_size=bs, seed=cfg.seed,
                                   progress=progress, desc=f"{self.name} fit", patience=cfg.patience,
                                   min_delta=cfg.min_delta, clip_grad_norm=clip if clip > 0 else None,
                                   on_epoch_end=lambda _epoch, _loss: scheduler.step())
