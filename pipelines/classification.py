@@ -121,6 +121,14 @@ def class_seed(seed: int, salt: str, defect_class: str) -> int:
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint32)[0])
 
 
+def seeded_subset(items: list, limit: int | None, seed: int) -> list:
+    """At most ``limit`` of ``items`` (all when ``limit`` is None), drawn with ``seed``, in their original order."""
+    if limit is None or len(items) <= limit:
+        return list(items)
+    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
+    return [items[i] for i in keep]
+
+
 def split_classes(dataset: DefectSet, classes: list[str], fraction: float,
                   seed: int) -> dict[str, dict[str, list[DefectSample]]]:
     """Seeded per-class split of the real defect images into ``generation`` and ``test`` parts (disjoint)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from synth import __version__
 from synth.cli_utils import add_common_arguments, run_cli
+from synth.errors import InputError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_decision.yaml"
 
@@ -39,6 +40,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from synth.toyset import make_texture_defect_set
 
     out = args.out.resolve()
+    if out.exists() and not out.is_dir():  # before anything is made: the demo writes only under --out
+        raise InputError(f"{out}: output path exists and is a file; choose a folder (--out DIR).")
     data = out / "data"
     if not (data / "manifest.jsonl").is_file():
         # 48 normal gravel crops (24 train, 24 test), 13 planted defects per class: k up to 3 leaves 10 to evaluate.

@@ -73,6 +73,7 @@ from pipelines.classification import (
     crop_paste_one,
     merge_class_sets,
     prepare_dir,
+    seeded_subset,
     stable_hash,
     write_exemplars,
 )
@@ -196,13 +197,6 @@ def file_digest(path: Path) -> str:
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
-def _subsample(items: list, limit: int | None, seed: int) -> list:
-    if limit is None or len(items) <= limit:
-        return list(items)
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
-    return [items[i] for i in keep]
-
-
 # --------------------------------------------------------------------------------------------------
 # data of one repeat
 # --------------------------------------------------------------------------------------------------
@@ -238,7 +232,7 @@ def _load_repeat(cfg: DecisionConfig, dataset: DefectSet, classes: list[str], re
     if len(train_good) < 2:
         raise InputError(f"{dataset.root}: train/good has {len(train_good)} image(s); the table needs normal images "
                          f"to train on and to generate on.")
-    normals = [dataset.image_path(s) for s in _subsample(train_good, cfg.normals, class_seed(seed, "normals", ""))]
+    normals = [dataset.image_path(s) for s in seeded_subset(train_good, cfg.normals, class_seed(seed, "normals", ""))]
     normal_dir = workdir / f"r{repeat}" / "normals"
     prepare_dir(normal_dir, stable_hash([str(p) for p in normals]))
     for path in normals:
@@ -247,7 +241,7 @@ def _load_repeat(cfg: DecisionConfig, dataset: DefectSet, classes: list[str], re
     good = sorted(dataset.select(split="test", defect_class=GOOD), key=lambda s: s.image)
     if not good:
         raise InputError(f"{dataset.root}: test/good is empty; the false-positive rate needs normal test images.")
-    good = _subsample(good, cfg.max_eval_good, class_seed(seed, "eval_good", ""))
+    good = seeded_subset(good, cfg.max_eval_good, class_seed(seed, "eval_good", ""))
     held = [s for c in classes for s in split[c][1]]
     samples = good + held
     return _Repeat(
@@ -314,7 +308,12 @@ def _filter_set(cfg: DecisionConfig, dataset: DefectSet, rep: _Repeat, k: int, g
 def _crop_paste_set(cfg: DecisionConfig, known: _Known, rep: _Repeat, k: int, out: Path) -> DefectSet:
     writer = DefectSetWriter(out)
     for defect_class, pairs in known.by_class.items():
-        sources = [(p, read_image(p), m) for p, m in pairs]
+        # A known defect image whose mask is empty has nothing to crop (the paste generator skips it too).
+        sources = [(p, read_image(p), m) for p, m in pairs if m.any()]
+        if not sources:
+            logger.warning("repeat %d, k=%d: every known %r defect has an empty mask; no crop & paste samples for "
+                           "that class", rep.index, k, defect_class)
+            continue
         for index in range(cfg.n_per_class):
             name = f"crop_paste_{index:05d}"
             if writer.has(name, split="test", defect_class=defect_class):
@@ -488,8 +487,8 @@ def _realism_cell(cfg: DecisionConfig, synthetic: DefectSet, rep: _Repeat) -> di
     from pipelines.realism import realism_metrics
 
     held = [i for i, c in enumerate(rep.eval_classes) if c != GOOD]
-    held = _subsample(held, cfg.realism_max_images, rep.seed)
-    generated = _subsample(synthetic.select(anomalous=True), cfg.realism_max_images, rep.seed + 1)
+    held = seeded_subset(held, cfg.realism_max_images, rep.seed)
+    generated = seeded_subset(synthetic.select(anomalous=True), cfg.realism_max_images, rep.seed + 1)
     if len(generated) < 2 or len(held) < 2:
         return {"skipped": "fewer than 2 images on a side"}
     metrics = realism_metrics([rep.eval_images[i] for i in held], [synthetic.image_path(s) for s in generated],

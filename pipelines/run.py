@@ -480,13 +480,6 @@ def stage_decision(ctx: StageContext) -> dict[str, Any]:
     return run_decision(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
 
 
-def _subsample(items: list, limit: int, seed: int) -> list:
-    if len(items) <= limit:
-        return items
-    keep = np.sort(np.random.default_rng(seed).choice(len(items), size=limit, replace=False))
-    return [items[i] for i in keep]
-
-
 def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
     """Every synthetic set of a run, by label: the shared (filtered) set, the few-shot stage's own set (when it
     made one) and the classification sets."""
@@ -504,6 +497,7 @@ def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
 
 
 def stage_realism(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.classification import seeded_subset
     from pipelines.realism import realism_metrics
     from synth.defect_set import read_defect_set
 
@@ -521,7 +515,7 @@ def stage_realism(ctx: StageContext) -> dict[str, Any]:
         reference = "all real test defects"
     if len(real) < 2:
         raise InputError(f"{ctx.cfg.data}: realism needs at least 2 real defect images, found {len(real)}.")
-    real = _subsample(real, options.max_images, seed)
+    real = seeded_subset(real, options.max_images, seed)
     results: dict[str, Any] = {}
     for label, folder in realism_sets(ctx.deps).items():
         cache = ctx.plan.dir / "sets" / f"{label.replace(':', '_')}.json"
@@ -530,7 +524,7 @@ def stage_realism(ctx: StageContext) -> dict[str, Any]:
             results[label] = cached
             continue
         generated_set = read_defect_set(folder)
-        generated = _subsample(generated_set.select(anomalous=True), options.max_images, seed + 1)
+        generated = seeded_subset(generated_set.select(anomalous=True), options.max_images, seed + 1)
         if len(generated) < 2:
             logger.warning("%s: fewer than 2 generated defects; realism skipped", folder)
             results[label] = {"skipped": "fewer than 2 generated defects"}

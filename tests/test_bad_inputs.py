@@ -240,6 +240,8 @@ BENCH = ["detect", "benchmark", "-q", "--out", "{out}"]
 RUN = ["pipelines", "run", "-q"]
 
 MATRIX: list[tuple[str, list[str], list[str]]] = [
+    # ---- pipelines demo: the one path it takes
+    ("demo-out-is-file", ["pipelines", "demo", "-q", "--out", "{png}"], ["{png}", "is a file", "choose a folder"]),
     # ---- synth generate: paths and images
     ("generate-normal-missing", [*GEN, "--normal", "{missing}", "--n", "2"], ["{missing}", "not found"]),
     ("generate-normal-empty", [*GEN, "--normal", "{empty}", "--n", "2"], ["{empty}", "no images found"]),

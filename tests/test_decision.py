@@ -171,3 +171,25 @@ def test_pipelines_demo_runs_the_table_end_to_end(tmp_path, monkeypatch, capsys)
     assert f"report: {report}" in printed and report.is_file()
     assert "classification k=1: best arm" in printed and "detection k=1" in printed
     assert (tmp_path / "demo" / "data" / "manifest.jsonl").is_file()
+
+
+def test_crop_paste_skips_known_defects_with_empty_masks(tmp_path):
+    """A known defect whose mask is empty (magnetic tile has such images) has nothing to crop: that class gets no
+    crop & paste samples and the others still do, instead of the whole table stopping."""
+    import numpy as np
+
+    from synth.io import write_image
+
+    normal, defect = tmp_path / "normal.png", tmp_path / "defect.png"
+    write_image(normal, np.full((32, 32, 3), 120, np.uint8))
+    write_image(defect, np.full((32, 32, 3), 20, np.uint8))
+    spot = np.zeros((32, 32), bool)
+    spot[10:14, 10:14] = True
+    known = dt._Known({"spot": [(defect, spot)], "blank": [(defect, np.zeros((32, 32), bool))]})
+    rep = dt._Repeat(index=0, seed=0, normals=[normal], normal_dir=tmp_path, pool={}, eval_images=[],
+                     eval_labels=np.zeros(0, bool), eval_classes=[], eval_masks=[])
+    cfg = dt.DecisionConfig(data=tmp_path, n_per_class=3)
+    made = dt._crop_paste_set(cfg, known, rep, 1, tmp_path / "set")
+    samples = made.select(anomalous=True)
+    assert sorted({s.defect_class for s in samples}) == ["spot"] and len(samples) == 3
+    assert all(made.load_mask(s).sum() == 16 for s in samples)
