@@ -448,7 +448,7 @@ def _eval_masks(rep: _Repeat, size: int) -> np.ndarray:
 def _detection_cell(cfg: DecisionConfig, arm: str, known: _Known | None, synthetic: DefectSet | None,
                     rep: _Repeat, masks: np.ndarray) -> dict[str, Any]:
     anomalies: list[tuple[Any, np.ndarray]] = []
-    real = [(path, mask) for path, mask, _ in known.items()] if known is not None and arm.startswith("real") else []
+    real = [(path, mask) for path, mask, _ in known.items()] if known is not None else []  # the caller: real arms only
     synthetic_items = []
     if synthetic is not None:
         synthetic_items = [(path, synthetic.load_mask(s)) for path, s in _synthetic_items(synthetic, [])]
@@ -627,16 +627,19 @@ def run_decision(cfg: DecisionConfig, workdir: Path, *, progress: bool = True) -
     cells: list[dict[str, Any]] = []
     leak = {"evaluation_images": 0, "generation_inputs": 0, "shared": 0}  # shared stays 0, or the run stops
     plan = [(r, k) for r in range(cfg.repeats) for k in cfg.shots]
+    loaded: dict[int, tuple[_Repeat, set[str], np.ndarray | None]] = {}
     for step, (repeat, k) in enumerate(plan, start=1):
-        rep = _load_repeat(cfg, dataset, classes, repeat, workdir)
-        eval_digests = {file_digest(p) for p in rep.eval_images}
+        if repeat not in loaded:  # split, fingerprints and evaluation masks once per repeat, for all its k
+            rep = _load_repeat(cfg, dataset, classes, repeat, workdir)
+            loaded = {repeat: (rep, {file_digest(p) for p in rep.eval_images},
+                               _eval_masks(rep, cfg.image_size) if "detection" in tasks else None)}
+        rep, eval_digests, eval_masks = loaded[repeat]
         leak["evaluation_images"] = max(leak["evaluation_images"], len(eval_digests))
         known = _known_at(dataset, rep, k)
         if progress:
             logger.warning("decision table: repeat %d, k=%d (%d/%d) after %.0f s", repeat, k, step, len(plan),
                            time.perf_counter() - started)
-        unit = _Unit(cfg, workdir, rep, k, known, classes,
-                     _eval_masks(rep, cfg.image_size) if "detection" in tasks else None)
+        unit = _Unit(cfg, workdir, rep, k, known, classes, eval_masks)
         for task in tasks:
             for arm in [a for a in cfg.arms if task == "detection" or a in CLASSIFICATION_ARMS]:
                 if arm in K_FREE_ARMS and k != cfg.shots[0]:
