@@ -45,13 +45,16 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fail on the first unreadable file instead of skipping it")
     parser.add_argument("--no-copy-normals", dest="copy_normals", action="store_false", default=None,
                         help="do not copy the normal images into train/good")
+    parser.add_argument("--workers", type=int, help="processes generating in parallel (default: all cores; the "
+                        "output bytes do not depend on it)")
+    parser.add_argument("--png-compression", type=int, help="zlib level 0-9 of the written PNGs (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a method_params entry, YAML value (repeatable): --set controlnet=runs/cn")
 
 
 def _generate_config(args: argparse.Namespace) -> GenerateConfig:
     keys = ("normal", "masks", "defects", "anomaly_source", "method", "blend", "foreground", "normal_match",
-            "defect_class", "n", "out", "seed", "strict", "copy_normals")
+            "defect_class", "n", "out", "seed", "strict", "copy_normals", "workers", "png_compression")
     cfg = load_config(GenerateConfig, args.config, {k: getattr(args, k) for k in keys})
     if args.set:
         cfg.method_params = {**cfg.method_params, **_parse_set(args.set)}
@@ -63,6 +66,8 @@ def _run_generate(cfg: GenerateConfig, quiet: bool, title: str) -> int:
     from synth.report import defect_set_report
 
     report = generate(cfg, progress=not quiet)
+    if not _main_process():  # a shard under accelerate launch: the main process merges and reports
+        return 0
     html_path = defect_set_report(report.dataset, title=title, config=cfg.model_dump(mode="json"),
                                   skipped=report.skipped_files)
     print(f"{report.dataset}")

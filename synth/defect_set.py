@@ -30,12 +30,14 @@ import numpy as np
 
 from synth.errors import InputError
 from synth.io import (
+    DEFAULT_PNG_COMPRESSION,
     copy_file,
     durable_writes,
     is_image_file,
     list_images,
     read_image,
     read_mask,
+    smallest_lossless_mode,
     write_image,
     write_json,
     write_text,
@@ -276,23 +278,69 @@ def read_defect_set(root: str | Path) -> DefectSet:
     return DefectSet(root, samples)
 
 
+def write_sample_files(
+    root: Path,
+    image: np.ndarray,
+    *,
+    name: str,
+    split: str,
+    defect_class: str = GOOD,
+    mask: np.ndarray | None = None,
+    generator: str | None = None,
+    params: dict[str, Any] | None = None,
+    seed: int | None = None,
+    source_image: str | None = None,
+    scores: dict[str, float] | None = None,
+    png_compression: int = DEFAULT_PNG_COMPRESSION,
+) -> DefectSample:
+    """Write one sample's PNG image (and mask for a defect sample) atomically; returns its manifest row.
+
+    Touches no manifest, so worker processes can call it; :meth:`DefectSetWriter.record` appends the row.
+    """
+    if split not in SPLITS:
+        raise InputError(f"split {split!r} is not one of {SPLITS}.")
+    if defect_class != GOOD and split != "test":
+        raise InputError(f"defect sample {name!r}: MVTec layout keeps defects in split 'test'.")
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise InputError(f"invalid sample name {name!r}: use a plain file stem.")
+    image_rel = f"{split}/{defect_class}/{name}.png"
+    mask_rel = None
+    if defect_class != GOOD:
+        if mask is None:
+            raise InputError(f"defect sample {name!r} of class {defect_class!r} needs a mask.")
+        if mask.shape[:2] != image.shape[:2]:
+            raise InputError(f"defect sample {name!r}: mask {mask.shape[:2]} != image {image.shape[:2]}.")
+        mask_rel = f"ground_truth/{defect_class}/{name}{MASK_SUFFIX}.png"
+        write_image(root / mask_rel, mask.astype(bool), png_compression=png_compression)
+    write_image(root / image_rel, smallest_lossless_mode(image), png_compression=png_compression)
+    return DefectSample(image=image_rel, split=split, defect_class=defect_class, mask=mask_rel, generator=generator,
+                        params=params or {}, seed=seed, source_image=source_image, scores=scores or {})
+
+
 class DefectSetWriter:
     """Writes a defect set sample by sample, crash-safely and resumably.
 
     Each image/mask is written atomically before its manifest row is appended, so after a kill
     the manifest lists only complete samples; reopening the same root resumes (``completed`` tells which
     sample names exist). Files without a manifest row are simply overwritten on the rerun.
+
+    ``manifest_name`` other than ``manifest.jsonl`` is a shard's own manifest (``synth generate`` under
+    ``accelerate launch``); a shard writer leaves the folder's temporary files alone (``clean=False``) because the
+    other shards may be writing them.
     """
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, png_compression: int = DEFAULT_PNG_COMPRESSION,
+                 manifest_name: str = MANIFEST_NAME, clean: bool = True):
         self.root = Path(root)
+        self.png_compression = png_compression
         if self.root.exists() and not self.root.is_dir():
             raise InputError(f"{self.root}: output path exists and is a file; choose a folder.")
         self.root.mkdir(parents=True, exist_ok=True)
-        # Temporary files of atomic writes that a kill interrupted: never part of the set, safe to delete.
-        for stale in self.root.rglob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-        self.manifest_path = self.root / MANIFEST_NAME
+        if clean:
+            # Temporary files of atomic writes that a kill interrupted: never part of the set, safe to delete.
+            for stale in self.root.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        self.manifest_path = self.root / manifest_name
         self.samples: list[DefectSample] = []
         if self.manifest_path.exists():
             rows = read_manifest(self.manifest_path)
@@ -304,11 +352,18 @@ class DefectSetWriter:
     def _rewrite_manifest(self) -> None:
         write_text(self.manifest_path, "".join(json.dumps(s.to_row(), sort_keys=True) + "\n" for s in self.samples))
 
+    def replace_samples(self, samples: list[DefectSample]) -> None:
+        """Rewrite the manifest atomically with ``samples`` (merging shards)."""
+        self.samples = list(samples)
+        self._keys = {(s.split, s.defect_class, s.name) for s in self.samples}
+        self._rewrite_manifest()
+
     def has(self, name: str, *, split: str, defect_class: str = GOOD) -> bool:
         """True when a sample with this name, split and class is already complete (for resuming)."""
         return (split, defect_class, name) in self._keys
 
-    def _append(self, sample: DefectSample) -> DefectSample:
+    def record(self, sample: DefectSample) -> DefectSample:
+        """Append the manifest row of a sample whose files are written (by :func:`write_sample_files`)."""
         line = json.dumps(sample.to_row(), sort_keys=True) + "\n"
         with open(self.manifest_path, "a", encoding="utf-8") as handle:
             handle.write(line)
@@ -334,26 +389,10 @@ class DefectSetWriter:
         scores: dict[str, float] | None = None,
     ) -> DefectSample:
         """Write one sample (PNG image, and mask for defect samples) and append its manifest row."""
-        if split not in SPLITS:
-            raise InputError(f"split {split!r} is not one of {SPLITS}.")
-        if defect_class != GOOD and split != "test":
-            raise InputError(f"defect sample {name!r}: MVTec layout keeps defects in split 'test'.")
-        if not name or "/" in name or "\\" in name or name.startswith("."):
-            raise InputError(f"invalid sample name {name!r}: use a plain file stem.")
-        image_rel = f"{split}/{defect_class}/{name}.png"
-        mask_rel = None
-        if defect_class != GOOD:
-            if mask is None:
-                raise InputError(f"defect sample {name!r} of class {defect_class!r} needs a mask.")
-            if mask.shape[:2] != image.shape[:2]:
-                raise InputError(f"defect sample {name!r}: mask {mask.shape[:2]} != image {image.shape[:2]}.")
-            mask_rel = f"ground_truth/{defect_class}/{name}{MASK_SUFFIX}.png"
-            write_image(self.root / mask_rel, mask.astype(bool))
-        write_image(self.root / image_rel, image)
-        return self._append(DefectSample(
-            image=image_rel, split=split, defect_class=defect_class, mask=mask_rel, generator=generator,
-            params=params or {}, seed=seed, source_image=source_image, scores=scores or {},
-        ))
+        return self.record(write_sample_files(
+            self.root, image, name=name, split=split, defect_class=defect_class, mask=mask, generator=generator,
+            params=params, seed=seed, source_image=source_image, scores=scores,
+            png_compression=self.png_compression))
 
     def add_file(self, src: str | Path, *, split: str, name: str | None = None,
                  source_image: str | None = None) -> DefectSample:
@@ -365,7 +404,7 @@ class DefectSetWriter:
         name = name or src.stem
         image_rel = f"{split}/{GOOD}/{name}{src.suffix.lower()}"
         copy_file(src, self.root / image_rel)
-        return self._append(DefectSample(image=image_rel, split=split, source_image=source_image or str(src)))
+        return self.record(DefectSample(image=image_rel, split=split, source_image=source_image or str(src)))
 
     def finalize(self, extra: dict[str, Any] | None = None) -> DefectSet:
         """Write dataset_info.json (classes, counts, extra info) and return the set."""

@@ -22,9 +22,27 @@ import numpy as np
 from tqdm import tqdm
 
 from synth.config import GenerateConfig
-from synth.defect_set import GOOD, MASK_SUFFIX, DefectSet, DefectSetWriter
+from synth.defect_set import (
+    GOOD,
+    MANIFEST_NAME,
+    MASK_SUFFIX,
+    DefectSample,
+    DefectSet,
+    DefectSetWriter,
+    read_manifest,
+    write_sample_files,
+)
 from synth.errors import InputError
-from synth.io import list_images, read_image, read_json_if_exists, read_mask, write_image, write_json
+from synth.io import (
+    DEFAULT_PNG_COMPRESSION,
+    list_images,
+    read_image,
+    read_json_if_exists,
+    read_mask,
+    write_image,
+    write_json,
+)
+from synth.parallel import Shard, current_shard, default_workers, ordered_map
 
 logger = logging.getLogger(__name__)
 
@@ -209,11 +227,13 @@ def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str],
 
 def _config_record(cfg: GenerateConfig) -> dict[str, Any]:
     record = cfg.model_dump(mode="json")
-    record.pop("out")
-    record.pop("preview")
+    for key in ("out", "preview", "workers"):  # none of them changes a written byte
+        record.pop(key)
+    # Defaults are left out so folders written before these keys existed still resume without complaint.
     if record.get("normal_match") == "any":
-        # The default is left out so folders written before the key existed still resume without complaint.
         record.pop("normal_match")
+    if record.get("png_compression") == DEFAULT_PNG_COMPRESSION:
+        record.pop("png_compression")
     return record
 
 
@@ -268,6 +288,41 @@ def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray 
     return np.concatenate(blocks, axis=1)
 
 
+_MODEL_METHODS = ("controlnet", "csm")
+_SHARD_MANIFEST_GLOB = "manifest.shard-*.jsonl"
+
+
+def _shard_manifest_name(shard: Shard) -> str:
+    return f"manifest.shard-{shard.index:03d}-of-{shard.count:03d}.jsonl"
+
+
+def _merge_shards(writer: DefectSetWriter, cfg: GenerateConfig) -> None:
+    """Fold the shard manifests into ``manifest.jsonl`` and put its rows in the order of an uninterrupted
+    one-process run (so the bytes match it): the other rows first, as they were, then the samples of this method
+    in index order; then drop the shard manifests."""
+    shard_paths = sorted(cfg.out.glob(_SHARD_MANIFEST_GLOB))
+    rows = list(writer.samples)
+    keys = {(s.split, s.defect_class, s.name) for s in rows}
+    for path in shard_paths:
+        for row in read_manifest(path):
+            sample = DefectSample.from_row(row, where=str(path))
+            if (sample.split, sample.defect_class, sample.name) not in keys:
+                rows.append(sample)
+                keys.add((sample.split, sample.defect_class, sample.name))
+    prefix = f"{cfg.method}_"
+
+    def sample_index(sample: DefectSample) -> int | None:
+        stem = sample.name.removeprefix(prefix)
+        return int(stem) if sample.split == "test" and sample.name.startswith(prefix) and stem.isdigit() else None
+
+    generated = sorted((s for s in rows if sample_index(s) is not None), key=sample_index)
+    ordered = [s for s in rows if sample_index(s) is None] + generated
+    if ordered != writer.samples:  # a resume after a killed launch can also leave gaps that filled in at the end
+        writer.replace_samples(ordered)
+    for path in shard_paths:
+        path.unlink()
+
+
 def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
     """Run ``synth generate`` for a validated config; resumes when ``cfg.out`` holds a partial run."""
     if cfg.normal_match == "exemplar" and cfg.method != "paste":
@@ -289,40 +344,65 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
         raise InputError(f"{cfg.out}: holds a set generated with other settings ({', '.join(changed)}); "
                          f"use a new --out folder, or delete this one to start over.")
     generator = build_generator(cfg, skipped)
-    writer = DefectSetWriter(cfg.out)
-    write_json(cfg.out / CONFIG_RECORD, record)
-
-    if cfg.copy_normals:
-        for path in normals:
-            if not writer.has(path.stem, split="train"):
-                writer.add_file(path, split="train", source_image=str(path))
+    shard = current_shard()
+    if shard.is_main:
+        # The main process alone cleans, copies and merges: the others may be writing temporary files meanwhile.
+        writer = DefectSetWriter(cfg.out, png_compression=cfg.png_compression)
+        _merge_shards(writer, cfg)  # rows of shards that a killed earlier launch left unmerged
+        write_json(cfg.out / CONFIG_RECORD, record)
+        if cfg.copy_normals:
+            for path in normals:
+                if not writer.has(path.stem, split="train"):
+                    writer.add_file(path, split="train", source_image=str(path))
+    shard.wait_for_everyone()
+    if shard.count > 1:
+        # Each shard appends to a manifest of its own (the main one is only read here) and resumes from both.
+        sample_writer = DefectSetWriter(cfg.out, png_compression=cfg.png_compression, clean=False,
+                                        manifest_name=_shard_manifest_name(shard))
+        main_path = cfg.out / MANIFEST_NAME
+        main_rows = [DefectSample.from_row(r, where=str(main_path)) for r in read_manifest(main_path)] \
+            if main_path.exists() else []
+        done_names = {s.name for s in [*sample_writer.samples, *main_rows] if s.split == "test"}
+    else:
+        sample_writer = writer
+        done_names = {s.name for s in writer.samples if s.split == "test"}
 
     order = np.random.default_rng(cfg.seed).permutation(len(normals))
     weights, extra = None, {}
     if descriptors is not None:
         weights, summary = _normal_weights(generator, descriptors, normals)
         extra = {"normal_match": summary}
-    done_names = {s.name for s in writer.samples if s.split == "test"}
     resumed_from = sum(1 for i in range(cfg.n) if f"{cfg.method}_{i:05d}" in done_names)
-    with tqdm(total=cfg.n, initial=resumed_from, desc=f"synth generate {cfg.method}", unit="img",
-              disable=not progress) as bar:
-        for index in range(cfg.n):
-            name = f"{cfg.method}_{index:05d}"
-            if name in done_names:
-                continue
-            seed = sample_seed(cfg.seed, index)
-            if weights is None:
-                source = normals[order[index % len(normals)]]
-            else:
-                source = normals[int(np.random.default_rng([seed, _NORMAL_STREAM]).choice(len(normals), p=weights))]
-            result = generator(read_image(source), np.random.default_rng(seed))
-            anomalous = bool(result.mask.any())
-            writer.add(result.image, name=name, split="test",
-                       defect_class=result.defect_class if anomalous else GOOD,
-                       mask=result.mask if anomalous else None, generator=cfg.method, params=result.params,
-                       seed=seed, source_image=str(source))
-            bar.update(1)
+    pending = [i for i in range(cfg.n) if shard.owns(i) and f"{cfg.method}_{i:05d}" not in done_names]
 
+    def make_sample(index: int) -> DefectSample:
+        name = f"{cfg.method}_{index:05d}"
+        seed = sample_seed(cfg.seed, index)
+        if weights is None:
+            source = normals[order[index % len(normals)]]
+        else:
+            source = normals[int(np.random.default_rng([seed, _NORMAL_STREAM]).choice(len(normals), p=weights))]
+        result = generator(read_image(source), np.random.default_rng(seed))
+        anomalous = bool(result.mask.any())
+        return write_sample_files(
+            cfg.out, result.image, name=name, split="test", defect_class=result.defect_class if anomalous else GOOD,
+            mask=result.mask if anomalous else None, generator=cfg.method, params=result.params, seed=seed,
+            source_image=str(source), png_compression=cfg.png_compression)
+
+    # Diffusion generators hold a model (and maybe a GPU): one process each; spread them with accelerate launch.
+    workers = 1 if cfg.method in _MODEL_METHODS else (cfg.workers or default_workers())
+    with tqdm(total=cfg.n, initial=resumed_from, desc=f"synth generate {cfg.method}", unit="img",
+              disable=not progress or not shard.is_main) as bar:
+        for sample in ordered_map(make_sample, pending, workers):
+            # Rows go in in index order whatever the worker count, so the manifest bytes do not depend on it.
+            sample_writer.record(sample)
+            bar.update(shard.count)
+
+    shard.wait_for_everyone()
+    if not shard.is_main:
+        return GenerateReport(dataset=DefectSet(cfg.out, list(sample_writer.samples)), generated=len(pending),
+                              resumed_from=resumed_from, skipped_files=skipped)
+    _merge_shards(writer, cfg)
     dataset = writer.finalize({"generator": cfg.method, "config": record, "skipped_files": skipped, **extra})
     preview = make_preview(dataset, cfg.preview)
     if preview is not None:

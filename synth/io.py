@@ -206,8 +206,43 @@ def _atomic_write_bytes(path: Path, write: Callable[[object], object]) -> None:
         raise
 
 
-def write_image(path: str | Path, array: np.ndarray) -> None:
-    """Write uint8 ``HxW``/``HxWx3`` (or bool mask, stored 0/255) atomically; format from the extension."""
+# PNG zlib level of every image the toolkit writes (0-9; lossless at every level). Measured on one 500x1263
+# grayscale KolektorSDD photo (2 cores): level 1 encodes in 18 ms (PIL's default level 6: 146 ms) for a file 14 %
+# larger than PIL's; level 0 is 10 ms but 2.4x the bytes; level 3: 33 ms, 9 % smaller than level 1.
+DEFAULT_PNG_COMPRESSION = 1
+
+
+def smallest_lossless_mode(image: np.ndarray) -> np.ndarray:
+    """``HxW`` when the three channels of an ``HxWx3`` image are equal (a grayscale photo read as RGB), else as is.
+
+    Readers replicate grayscale to RGB, so writing such an image with one channel is lossless and a third of the
+    bytes: a grayscale input stays grayscale in the generated set, as in MVTec's grayscale categories.
+    """
+    if image.ndim == 3 and image.shape[2] == 3 and np.array_equal(image[..., 0], image[..., 1]) \
+            and np.array_equal(image[..., 0], image[..., 2]):
+        return np.ascontiguousarray(image[..., 0])
+    return image
+
+
+def encode_png(array: np.ndarray, compression: int = DEFAULT_PNG_COMPRESSION) -> bytes:
+    """PNG bytes of uint8 ``HxW`` (grayscale) or ``HxWx3`` (RGB) at zlib level ``compression`` (OpenCV's libpng:
+    deterministic bytes for the same pixels and level, 4-8x faster than PIL at its default level)."""
+    import cv2
+
+    if not 0 <= compression <= 9:
+        raise InputError(f"PNG compression must be 0-9 (zlib level), got {compression}.")
+    pixels = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    if not ok:
+        raise InputError(f"could not encode an image of shape {array.shape} as PNG.")
+    return encoded.tobytes()
+
+
+def write_image(path: str | Path, array: np.ndarray, *, png_compression: int = DEFAULT_PNG_COMPRESSION) -> None:
+    """Write uint8 ``HxW``/``HxWx3`` (or bool mask, stored 0/255) atomically; format from the extension.
+
+    PNG goes through :func:`encode_png` at zlib level ``png_compression``; other formats through PIL.
+    """
     path = Path(path)
     if array.dtype == bool:
         array = array.astype(np.uint8) * 255
@@ -216,6 +251,10 @@ def write_image(path: str | Path, array: np.ndarray) -> None:
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise InputError(f"{path}: unknown image extension; use .png (lossless) or .jpg.")
+    if fmt == "PNG" and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3)):
+        data = encode_png(array, png_compression)
+        _atomic_write_bytes(path, lambda handle: handle.write(data))
+        return
     img = Image.fromarray(array)
     _atomic_write_bytes(path, lambda handle: img.save(handle, format=fmt))
 

@@ -335,17 +335,17 @@ def test_normal_match_is_reproducible_and_resumes(context_inputs, tmp_path, monk
     assert reference == tree_digest(tmp_path / "b", skip=skip)
 
     # A crash after 3 generated samples (the writer dies on the 4th), then the same command again.
-    original_add, calls = DefectSetWriter.add, {"n": 0}
+    original_record, calls = DefectSetWriter.record, {"n": 0}
 
-    def crashing_add(self, *a, **kw):
-        calls["n"] += 1
+    def crashing_record(self, sample):
+        calls["n"] += sample.split == "test"
         if calls["n"] == 4:
             raise KeyboardInterrupt("simulated kill")
-        return original_add(self, *a, **kw)
+        return original_record(self, sample)
 
-    monkeypatch.setattr(DefectSetWriter, "add", crashing_add)
+    monkeypatch.setattr(DefectSetWriter, "record", crashing_record)
     assert _generate(context_inputs, tmp_path / "resumed", *args) != 0  # the CLI reports the interruption
-    monkeypatch.setattr(DefectSetWriter, "add", original_add)
+    monkeypatch.setattr(DefectSetWriter, "record", original_record)
     assert (tmp_path / "resumed" / "manifest.jsonl").read_text().count('"split": "test"') == 3
     assert _generate(context_inputs, tmp_path / "resumed", *args) == 0
     assert tree_digest(tmp_path / "resumed", skip=skip) == reference
