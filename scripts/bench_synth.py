@@ -1,20 +1,34 @@
-"""Throughput of the model-free generators (images/s), in memory and with PNG writing, beside Anomalib.
+"""Generation speed: in memory, end to end through ``synth generate`` (CLI, all cores), and the I/O floor.
 
-Run (Anomalib is not a project dependency; put it in a venv that sees the project):
+Run on a quiet machine (Anomalib is not a project dependency; give it a venv that sees the project):
 
     python -m venv --system-site-packages /tmp/anomalib-venv && /tmp/anomalib-venv/bin/pip install anomalib
-    /tmp/anomalib-venv/bin/python scripts/bench_synth.py            # writes scripts/results/bench_synth.{json,md}
+    /tmp/anomalib-venv/bin/python scripts/bench_synth.py      # writes scripts/results/bench_synth.{json,md}
 
-Without anomalib importable, only our generators are measured. Same image, same sizes, same process, same
-PNG writer (synth.io.write_image: atomic, fsync) for every generator; the ratio row compares ``perlin``
-(Perlin mask + noise texture + blend) with Anomalib's ``PerlinAnomalyGenerator`` (Perlin mask + noise texture
-+ blend when no anomaly-source folder is given) at probability 1.
+Two image kinds: 256x256 RGB (scikit-image's coffee photo) and 500x1250 grayscale (a KolektorSDD normal when
+``../shared/data/kolektorsdd`` is there, else scikit-image gravel). For each kind and generator:
+
+- **in memory**: one process calling the generator on one image (no disk);
+- **end to end**: ``python -m synth.cli generate --method M --n N`` on a folder of normals of that kind, with the
+  default workers (all cores) and writer settings, wall time of the whole command (start-up included);
+- **I/O floor**: the least any generator could cost, on all cores with the same worker pool: read one normal,
+  write one image and one mask with the project's writer (``synth.io.write_image``) at its default settings.
+
+``end to end / floor`` is the share of the disk's speed that generation reaches. Beside it, our ``perlin`` against
+Anomalib's ``PerlinAnomalyGenerator`` (probability 1) in memory and with the same PNG writer, one process each.
+Every number is the median of ``--repeats`` (default 3) with min and max. The 1-minute load average is recorded
+before every measurement; a run that starts above the core count, or rises above cores + 1 (its own workers
+and coordinator), is marked LOADED and is not for publication.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,29 +36,51 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-
-from synth.augment import AUGMENTERS
-from synth.io import write_image, write_json, write_text
-from synth.placement import DefectExemplar, MaskGuidedPlacer
-from synth.toyset import load_texture
 
 REPO = Path(__file__).resolve().parent.parent
-MAGNETIC_TILE = REPO.parent / "shared" / "data" / "magnetic-tile"
+sys.path.insert(0, str(REPO))
+
+from synth.io import list_images, read_image, write_image, write_json, write_text  # noqa: E402
+from synth.parallel import default_workers, ordered_map  # noqa: E402
+
+KOLEKTOR = REPO.parent / "shared" / "data" / "kolektorsdd" / "train" / "good"
+DEMO = REPO / "assets" / "demo"
+METHODS = ("perlin", "draem", "cutpaste", "paste")
+NORMALS_PER_KIND = 16
 
 
-def test_image(size: int) -> np.ndarray:
-    """A real photo: the first magnetic-tile normal image when present, else scikit-image's brick."""
-    from synth.io import list_images, read_image
-
-    if (MAGNETIC_TILE / "train" / "good").is_dir():
-        image = read_image(list_images(MAGNETIC_TILE / "train" / "good")[0])
-    else:
-        image = load_texture("brick")
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
-def _image_and_mask(generator: Callable) -> Callable[[np.ndarray, np.random.Generator], tuple]:
+def base_image(kind: str) -> np.ndarray:
+    from skimage import data
+
+    if kind == "rgb256":
+        return cv2.resize(data.coffee(), (256, 256), interpolation=cv2.INTER_AREA)
+    if KOLEKTOR.is_dir():
+        return read_image(list_images(KOLEKTOR)[0], mode="L")
+    return cv2.resize(data.gravel(), (500, 1250), interpolation=cv2.INTER_LINEAR)
+
+
+def write_normals(kind: str, folder: Path) -> list[Path]:
+    """NORMALS_PER_KIND distinct normals of the kind (flips and shifts of the base image), in its mode."""
+    image = base_image(kind)
+    paths = []
+    for i in range(NORMALS_PER_KIND):
+        variant = np.roll(image[:, ::-1] if i % 2 else image, shift=7 * i, axis=1)
+        paths.append(folder / f"normal_{i:02d}.png")
+        write_image(paths[-1], np.ascontiguousarray(variant))
+    return paths
+
+
+def in_memory_generator(method: str) -> Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]:
+    from synth.config import GenerateConfig
+    from synth.generate import build_generator
+
+    cfg = GenerateConfig(normal=DEMO / "normal", out=Path("unused"), method=method, **paste_settings(method))
+    generator = build_generator(cfg)
+
     def run(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         result = generator(image, rng)
         return result.image, result.mask
@@ -52,29 +88,14 @@ def _image_and_mask(generator: Callable) -> Callable[[np.ndarray, np.random.Gene
     return run
 
 
-def our_generators(size: int) -> dict[str, Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]]:
-    from synth.io import list_images, read_image, read_mask
-
-    generators = {}
-    for name, cls in AUGMENTERS.items():
-        augmenter = cls(p_anomaly=1.0) if name == "draem" else cls()
-        generators[name] = _image_and_mask(augmenter)
-    demo = REPO / "assets" / "demo"
-    exemplars = []
-    for mask_path in list_images(demo / "masks", recursive=True):
-        defect_class = mask_path.parent.name
-        image = read_image(demo / "defects" / defect_class / mask_path.name)
-        exemplars.append(DefectExemplar(mask=read_mask(mask_path), image=image, defect_class=defect_class,
-                                        source=str(mask_path)))
-    for blend in ("alpha", "poisson", "texture"):
-        placer = MaskGuidedPlacer(exemplars, blend_mode=blend, foreground="texture")
-        generators[f"paste-{blend}"] = _image_and_mask(placer)
-    return generators
+def paste_settings(method: str) -> dict:
+    return {"masks": DEMO / "masks", "defects": DEMO / "defects", "blend": "texture"} if method == "paste" else {}
 
 
-def anomalib_generator() -> tuple[Callable | None, str]:
+def anomalib_perlin() -> tuple[Callable | None, str]:
     try:
         import anomalib
+        import torch
         from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
     except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
         return None, f"not available ({type(exc).__name__}: {exc})"
@@ -89,10 +110,10 @@ def anomalib_generator() -> tuple[Callable | None, str]:
     return run, f"anomalib {anomalib.__version__}"
 
 
-def measure(generate: Callable, image: np.ndarray, n: int, write_dir: Path | None, seed: int = 0) -> float:
-    rng = np.random.default_rng(seed)
-    torch.manual_seed(seed)
-    generate(image, rng)  # warm-up (caches, lazy imports)
+def rate_in_memory(generate: Callable, image: np.ndarray, n: int, write_dir: Path | None = None) -> float:
+    """Images/s of one process calling ``generate`` (and writing image + mask when ``write_dir`` is given)."""
+    rng = np.random.default_rng(0)
+    generate(image, rng)  # warm-up: caches, lazy imports
     start = time.perf_counter()
     for index in range(n):
         out, mask = generate(image, rng)
@@ -102,48 +123,138 @@ def measure(generate: Callable, image: np.ndarray, n: int, write_dir: Path | Non
     return n / (time.perf_counter() - start)
 
 
+def rate_floor(normals: list[Path], n: int, out: Path) -> float:
+    """Images/s of read normal + write image + write mask on all cores (the worker pool synth generate uses)."""
+    shape = read_image(normals[0]).shape[:2]
+    mask = np.zeros(shape, bool)
+    mask[shape[0] // 3: shape[0] // 2, shape[1] // 3: shape[1] // 2] = True
+
+    def copy(index: int) -> int:
+        image = read_image(normals[index % len(normals)])
+        write_image(out / f"{index:05d}.png", image[..., 0] if np.array_equal(image[..., 0], image[..., 2])
+                    else image)  # what synth generate writes: grayscale stays one channel
+        write_image(out / f"{index:05d}_mask.png", mask)
+        return index
+
+    start = time.perf_counter()
+    for _ in ordered_map(copy, range(n), default_workers()):
+        pass
+    return n / (time.perf_counter() - start)
+
+
+def rate_end_to_end(method: str, normal_dir: Path, n: int, out: Path) -> float:
+    """Images/s of the whole ``synth generate`` command (process start-up, writes, report included)."""
+    command = [sys.executable, "-m", "synth.cli", "generate", "-q", "--normal", str(normal_dir), "--method", method,
+               "--n", str(n), "--out", str(out), "--no-copy-normals"]
+    for key, value in paste_settings(method).items():
+        command += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return n / (time.perf_counter() - start)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def repeat(measure: Callable[[], float], repeats: int, loads: list[float]) -> dict[str, float]:
+    values = []
+    for _ in range(repeats):
+        loads.append(load_average())
+        values.append(measure())
+    return summary(values)
+
+
+def fmt(stat: dict[str, float]) -> str:
+    return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
+
+
+def bench_kind(kind: str, n: int, args: argparse.Namespace, tmp: Path, loads: list[float]) -> list[dict]:
+    """Floor, then in memory and end to end for every method, on one image kind."""
+    normal_dir = tmp / "normal"
+    normals = write_normals(kind, normal_dir)
+    image = read_image(normals[0])
+    runs = iter(range(10**6))  # a fresh output folder per measurement
+    floor = repeat(lambda: rate_floor(normals, n, tmp / f"floor{next(runs)}"), args.repeats, loads)
+    print(f"{kind}: I/O floor {fmt(floor)} img/s on {default_workers()} cores", flush=True)
+    rows = []
+    for method in args.methods:
+        memory = repeat(lambda: rate_in_memory(in_memory_generator(method), image, args.n_memory),  # noqa: B023
+                        args.repeats, loads)
+        end_to_end = repeat(lambda: rate_end_to_end(method, normal_dir, n, tmp / f"{method}{next(runs)}"),  # noqa: B023
+                            args.repeats, loads)
+        ratio = end_to_end["median"] / floor["median"]
+        rows.append({"kind": kind, "method": method, "n": n, "memory_img_s": memory, "end_to_end_img_s": end_to_end,
+                     "floor_img_s": floor, "end_to_end_over_floor": ratio})
+        print(f"{kind}: {method:9s} memory {fmt(memory)}  end to end {fmt(end_to_end)}  floor {floor['median']:.1f}"
+              f"  ratio {ratio:.2f}", flush=True)
+    return rows
+
+
+def bench_vs_anomalib(peer: Callable | None, repeats: int, tmp: Path, loads: list[float]) -> list[dict]:
+    """Our perlin and Anomalib's (when importable), 256 px RGB, one process each, in memory and with PNG."""
+    image = base_image("rgb256")
+    arms = {"perlin": in_memory_generator("perlin"), **({"anomalib PerlinAnomalyGenerator": peer} if peer else {})}
+    runs = iter(range(10**6))
+    rows = []
+    for name, generate in arms.items():
+        memory = repeat(lambda: rate_in_memory(generate, image, 60), repeats, loads)  # noqa: B023
+        png = repeat(lambda: rate_in_memory(generate, image, 60, tmp / f"png{next(runs)}"), repeats, loads)  # noqa: B023
+        rows.append({"generator": name, "memory_img_s": memory, "png_img_s": png})
+        print(f"rgb256: {name} memory {fmt(memory)}  with PNG (one process) {fmt(png)}", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
-    parser.add_argument("--n", type=int, default=100, help="images per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-rgb256", type=int, default=1500, help="samples per end-to-end run at 256 px RGB")
+    parser.add_argument("--n-gray", type=int, default=300, help="samples per end-to-end run at 500x1250 gray")
+    parser.add_argument("--n-memory", type=int, default=100)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench_synth")
     args = parser.parse_args()
 
-    peer, peer_name = anomalib_generator()
-    rows = []
-    for size in args.sizes:
-        image = test_image(size)
-        generators = our_generators(size)
-        if peer is not None:
-            generators["anomalib PerlinAnomalyGenerator"] = peer
-        for name, generate in generators.items():
-            with tempfile.TemporaryDirectory() as tmp:
-                row = {"size": size, "generator": name,
-                       "memory_img_s": measure(generate, image, args.n, None),
-                       "png_img_s": measure(generate, image, max(args.n // 2, 10), Path(tmp))}
-            rows.append(row)
-            print(f"{size:4d}  {name:34s} {row['memory_img_s']:9.1f} img/s in memory  "
-                  f"{row['png_img_s']:8.1f} img/s with PNG")
+    cores = default_workers()
+    loads: list[float] = [load_average()]  # the first: the machine before this run
+    rows, peer_rows = [], []
+    peer, peer_name = anomalib_perlin()
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        for kind, n in (("rgb256", args.n_rgb256), ("gray500x1250", args.n_gray)):
+            rows += bench_kind(kind, n, args, Path(tmp_dir) / kind, loads)
+        peer_rows = bench_vs_anomalib(peer, args.repeats, Path(tmp_dir) / "peer", loads)
+    loads.append(load_average())
+    # Quiet: nothing else ran before (load at the start within the core count) and nothing joined during the run
+    # (this run itself keeps `cores` workers plus its coordinating process busy, so up to cores + 1).
+    quiet = loads[0] <= cores and max(loads) <= cores + 1
     ratios = {}
-    if peer is not None:
-        for size in args.sizes:
-            ours = next(r for r in rows if r["size"] == size and r["generator"] == "perlin")
-            theirs = next(r for r in rows if r["size"] == size and r["generator"].startswith("anomalib"))
-            ratios[str(size)] = {"memory": ours["memory_img_s"] / theirs["memory_img_s"],
-                                 "png": ours["png_img_s"] / theirs["png_img_s"]}
-            print(f"perlin vs anomalib at {size}: {ratios[str(size)]['memory']:.1f}x in memory, "
-                  f"{ratios[str(size)]['png']:.1f}x with PNG")
-    meta = {"peer": peer_name, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpu_count": __import__("os").cpu_count(), "n": args.n}
-    write_json(args.out.with_suffix(".json"), {"meta": meta, "results": rows, "perlin_vs_anomalib": ratios})
-    lines = [f"Peer: {peer_name}; torch threads {meta['torch_threads']}; {meta['cpu_count']} CPUs", "",
-             "| size | generator | img/s in memory | img/s with PNG |", "|---|---|---|---|"]
-    lines += [f"| {r['size']} | {r['generator']} | {r['memory_img_s']:.1f} | {r['png_img_s']:.1f} |" for r in rows]
+    if len(peer_rows) == 2:
+        ratios = {key: peer_rows[0][key]["median"] / peer_rows[1][key]["median"]
+                  for key in ("memory_img_s", "png_img_s")}
+    meta = {"quiet": quiet, "load_average_at_start": loads[0], "load_average_max": max(loads),
+            "load_average_min": min(loads), "load_averages": loads, "cores": cores,
+            "repeats": args.repeats, "peer": peer_name, "python": platform.python_version(),
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+    write_json(args.out.with_suffix(".json"), {"meta": meta, "results": rows, "vs_anomalib": peer_rows,
+                                              "perlin_over_anomalib": ratios})
+    status = "quiet" if quiet else "LOADED (other work beside the run): not for publication"
+    lines = [f"Run: {status}; 1-minute load average {loads[0]:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} "
+             f"during, on {cores} cores; median of "
+             f"{args.repeats} (min-max); peer: {peer_name}.", "",
+             "| image | method | in memory img/s (1 process) | end to end img/s (synth generate, all cores) | "
+             "I/O floor img/s | end to end / floor |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['method']} | {fmt(r['memory_img_s'])} | {fmt(r['end_to_end_img_s'])} | "
+              f"{fmt(r['floor_img_s'])} | {r['end_to_end_over_floor']:.2f} |" for r in rows]
+    if peer_rows:
+        lines += ["", "256 px RGB, one process each, same PNG writer:", "",
+                  "| generator | in memory img/s | with PNG img/s |", "|---|---|---|"]
+        lines += [f"| {r['generator']} | {fmt(r['memory_img_s'])} | {fmt(r['png_img_s'])} |" for r in peer_rows]
     if ratios:
-        lines += ["", "| size | perlin / anomalib (memory) | perlin / anomalib (PNG) |", "|---|---|---|"]
-        lines += [f"| {s} | {v['memory']:.1f}x | {v['png']:.1f}x |" for s, v in ratios.items()]
+        lines += ["", f"perlin / Anomalib: {ratios['memory_img_s']:.1f}x in memory, {ratios['png_img_s']:.1f}x with "
+                  f"PNG writing."]
     write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')}")
+    print(f"wrote {args.out.with_suffix('.md')} ({status})")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ class GenerateConfig(StrictModel):
     copy_normals: bool = Field(True, description="copy the normal images into train/good")
     strict: bool = Field(False, description="fail on the first unreadable file instead of skipping it")
     preview: int = Field(16, ge=0, le=256, description="samples shown in preview.png")
-    png_compression: int = Field(DEFAULT_PNG_COMPRESSION, ge=0, le=9, description="zlib level of the written PNGs (0-9, all lossless): 1 "
-                                 "encodes 4-8x faster than PIL's default 6 for ~14 % more bytes")
+    png_compression: int = Field(DEFAULT_PNG_COMPRESSION, ge=0, le=9, description="zlib level of the written "
+                                 "PNGs (0-9, all lossless): 1 encodes 4-8x faster than PIL's default 6 for ~14 % "
+                                 "more bytes")
     workers: int | None = Field(None, ge=1, description="processes that generate in parallel (same bytes for any "
                                 "number); default: all cores (shared among processes launched on one machine)")
     method_params: dict[str, Any] = Field(default_factory=dict, description="extra generator arguments")

@@ -35,6 +35,7 @@ from synth.defect_set import (
 from synth.errors import InputError
 from synth.io import (
     DEFAULT_PNG_COMPRESSION,
+    in_mode_of,
     list_images,
     read_image,
     read_json_if_exists,
@@ -382,10 +383,13 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
             source = normals[order[index % len(normals)]]
         else:
             source = normals[int(np.random.default_rng([seed, _NORMAL_STREAM]).choice(len(normals), p=weights))]
-        result = generator(read_image(source), np.random.default_rng(seed))
+        normal = read_image(source)
+        result = generator(normal, np.random.default_rng(seed))
         anomalous = bool(result.mask.any())
+        # A grayscale input stays grayscale (colour noise of perlin/draem included): one channel on disk.
         return write_sample_files(
-            cfg.out, result.image, name=name, split="test", defect_class=result.defect_class if anomalous else GOOD,
+            cfg.out, in_mode_of(result.image, normal), name=name, split="test",
+            defect_class=result.defect_class if anomalous else GOOD,
             mask=result.mask if anomalous else None, generator=cfg.method, params=result.params, seed=seed,
             source_image=str(source), png_compression=cfg.png_compression)
 

@@ -218,9 +218,25 @@ def smallest_lossless_mode(image: np.ndarray) -> np.ndarray:
     Readers replicate grayscale to RGB, so writing such an image with one channel is lossless and a third of the
     bytes: a grayscale input stays grayscale in the generated set, as in MVTec's grayscale categories.
     """
-    if image.ndim == 3 and image.shape[2] == 3 and np.array_equal(image[..., 0], image[..., 1]) \
-            and np.array_equal(image[..., 0], image[..., 2]):
+    if image.ndim == 3 and is_grayscale(image):
         return np.ascontiguousarray(image[..., 0])
+    return image
+
+
+def is_grayscale(image: np.ndarray) -> bool:
+    """True for ``HxW`` images and ``HxWx3`` images whose three channels are equal (grayscale read as RGB)."""
+    return image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3 and np.array_equal(image[..., 0], image[..., 1])
+                               and np.array_equal(image[..., 0], image[..., 2]))
+
+
+def in_mode_of(image: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """``image`` in the mode of the photo it was made from: its luma (ITU-R 601, OpenCV) when ``source`` is
+    grayscale, so a defect generated on a grayscale camera's image carries no colour it could not have; unchanged
+    otherwise. Gray pixels keep their exact value (the luma weights sum to one in OpenCV's fixed point)."""
+    import cv2
+
+    if image.ndim == 3 and image.shape[2] == 3 and is_grayscale(source) and not is_grayscale(image):
+        return cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return image
 
 

@@ -63,10 +63,11 @@ def test_workers_write_the_bytes_of_one_process(inputs, tmp_path, method):
         assert synth_main(["generate", "-q", *_args(inputs, method, 12), "--out", str(out),
                            "--workers", str(workers)]) == 0
     _assert_same_set(tmp_path / "w1", tmp_path / "w2")
-    # The grayscale normals stay grayscale in the generated set: one channel on disk, three when read.
-    sample = next((tmp_path / "w2" / "test").rglob("*.png"))
-    assert Image.open(sample).mode in ("L", "RGB")
-    assert read_image(sample).shape[2] == 3
+    # The grayscale normals stay grayscale in the generated set (colour noise and jitter included): one channel on
+    # disk, three when read.
+    samples = sorted((tmp_path / "w2" / "test").rglob("*.png"))
+    assert len(samples) == 12 and {Image.open(p).mode for p in samples} == {"L"}
+    assert read_image(samples[0]).shape[2] == 3
 
 
 def _kill_when(process: subprocess.Popen, rows: int, manifests: callable, timeout: float = 120) -> None:
@@ -158,3 +159,19 @@ def test_bad_png_compression_is_one_clear_error(inputs, tmp_path, capsys):
     assert synth_main(["generate", "-q", *_args(inputs, "perlin", 2), "--out", str(tmp_path / "o"),
                        "--png-compression", "12"]) == 2
     assert "png_compression" in capsys.readouterr().err
+
+
+def test_generated_defects_take_the_mode_of_their_source_photo():
+    from synth.io import in_mode_of
+
+    rng = np.random.default_rng(0)
+    gray = np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2)
+    colour_noise = gray.copy()
+    colour_noise[4:8, 4:8] = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    out = in_mode_of(colour_noise, gray)
+    assert out.shape == (16, 16)
+    outside = np.ones((16, 16), bool)
+    outside[4:8, 4:8] = False
+    np.testing.assert_array_equal(out[outside], gray[..., 0][outside])  # gray pixels keep their exact value
+    colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert in_mode_of(colour_noise, colour) is colour_noise  # an RGB source keeps RGB output
