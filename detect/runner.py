@@ -26,6 +26,7 @@ from detect.registry import create, load
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import ConfigError, InputError
 from synth.io import durable_writes, iter_paths, read_image, write_image, write_json, write_text
+from synth.parallel import Shard, current_shard
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,10 @@ def read_partial_rows(partial: Path, key: str) -> dict[int, dict[str, str]]:
     return {int(row.pop("index")): row for row in csv.DictReader(io.StringIO(body))}
 
 
+def _shard_partial(partial: Path, shard: Shard) -> Path:
+    return partial.with_name(f"{partial.name}.shard-{shard.index:03d}-of-{shard.count:03d}")
+
+
 def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], key: str,
                          score: Callable[[list[np.ndarray], list[int]], dict[int, dict[str, str]]], *,
                          partial_name: str, final_name: str, batch_size: int, desc: str, progress: bool
@@ -182,23 +187,43 @@ def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], ke
     ``OUT/partial_name`` after each batch (a row there means its side files are complete), so a rerun with the
     same ``key`` (model + image list) only scores the missing images; ``OUT/final_name`` is written atomically in
     input order at the end and the partial file removed. Returns the rows by image index.
+
+    The next batch is decoded on a background thread while the model scores the current one. Under
+    ``accelerate launch`` process ``r`` of ``W`` scores the batches ``b % W == r`` into its own partial file; the
+    main process writes the final table once all are done (the same bytes as one process), and any later run
+    resumes from every partial file with the same key.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
-    partial = out / partial_name
-    rows = read_partial_rows(partial, key)
+    shard = current_shard()
+    partial = out / partial_name if shard.count == 1 else _shard_partial(out / partial_name, shard)
+    rows: dict[int, dict[str, str]] = {}
+    for done in [out / partial_name, *sorted(out.glob(f"{partial_name}.shard-*"))]:
+        rows.update(read_partial_rows(done, key))
     todo = [i for i in range(len(paths)) if i not in rows]
     if rows:
         logger.info("resuming: %d of %d images already done", len(rows), len(paths))
-    else:
-        write_text(partial, f"# {key}\n" + ",".join(["index", *fields]) + "\n")
+    # Rewritten with only its complete rows, so a line a kill cut short is not continued by the next append.
+    own = io.StringIO()
+    own_writer = csv.DictWriter(own, fieldnames=["index", *fields], lineterminator="\n")
+    own_writer.writerows({"index": i, **row} for i, row in sorted(read_partial_rows(partial, key).items()))
+    write_text(partial, f"# {key}\n" + ",".join(["index", *fields]) + "\n" + own.getvalue())
+    # Shards take whole batches of the one-process order: each image is scored in the batch it would have been in,
+    # so float results (which can depend on the batch) match a one-process run.
+    chunks = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)][shard.index::shard.count]
     with tqdm(total=len(paths), initial=len(paths) - len(todo), desc=desc, unit="img",
-              disable=not progress) as bar, open(partial, "a", encoding="utf-8", newline="") as handle:
+              disable=not progress or not shard.is_main) as bar, \
+            open(partial, "a", encoding="utf-8", newline="") as handle, ThreadPoolExecutor(1) as decoder:
         writer = csv.DictWriter(handle, fieldnames=["index", *fields], lineterminator="\n")
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            images, kept, failed = read_batch(paths, chunk)
+        upcoming = decoder.submit(read_batch, paths, chunks[0]) if chunks else None
+        for number, chunk in enumerate(chunks):
+            assert upcoming is not None
+            images, kept, failed = upcoming.result()
+            if number + 1 < len(chunks):
+                upcoming = decoder.submit(read_batch, paths, chunks[number + 1])
             new_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
                         for i, error in failed.items()}
             if images:
@@ -208,13 +233,19 @@ def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], ke
             if durable_writes():
                 os.fsync(handle.fileno())
             rows.update(new_rows)
-            bar.update(len(chunk))
+            bar.update(len(chunk) * shard.count)
+    shard.wait_for_everyone()
+    if not shard.is_main:
+        return rows
+    for done in sorted(out.glob(f"{partial_name}.shard-*")):
+        rows.update(read_partial_rows(done, key))
     buffer = io.StringIO()
     table = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
     table.writeheader()
     table.writerows(rows[i] for i in range(len(paths)))
     write_text(out / final_name, buffer.getvalue())
-    partial.unlink(missing_ok=True)
+    for done in [out / partial_name, *out.glob(f"{partial_name}.shard-*")]:
+        done.unlink(missing_ok=True)
     return rows
 
 
@@ -258,6 +289,8 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     rows = write_rows_resumably(out, paths, SCORE_FIELDS, predict_run_key(Path(model_dir), paths, overlays),
                                 score, partial_name=PARTIAL_SCORES, final_name="scores.csv",
                                 batch_size=batch_size, desc="detect predict", progress=progress)
+    if not current_shard().is_main:  # a shard under accelerate launch: the main process wrote scores.csv
+        return out / "scores.csv"
     errors = sum(1 for r in rows.values() if r["error"])
     flagged = sum(1 for r in rows.values() if r["anomalous"] == "1")
     point = ""

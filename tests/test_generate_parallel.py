@@ -175,3 +175,47 @@ def test_generated_defects_take_the_mode_of_their_source_photo():
     np.testing.assert_array_equal(out[outside], gray[..., 0][outside])  # gray pixels keep their exact value
     colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
     assert in_mode_of(colour_noise, colour) is colour_noise  # an RGB source keeps RGB output
+
+
+# ------------------------------------------------------------------------------------ detect predict shards
+
+
+def test_detect_predict_on_two_accelerate_processes_writes_the_table_of_one(brick_set, tmp_path):
+    pytest.importorskip("accelerate")
+    from detect.runner import PARTIAL_SCORES, fit_model, predict_run_key
+    from synth.io import iter_paths
+
+    model_dir = tmp_path / "padim"
+    fit_model("padim", brick_set.root, model_dir, options={"image_size": 64, "blur_sigma": 1}, progress=False)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, source in enumerate(sorted((brick_set.root / "test").rglob("*.png"))[:20]):
+        shutil.copy(source, images / f"img_{i:03d}.png")
+    (images / "img_007.png").write_bytes(b"not a png")  # an error row must come through the merge too
+    command = ["predict", "-q", "--model-dir", str(model_dir), str(images), "--batch-size", "3", "--out"]
+    reference, sharded = tmp_path / "reference", tmp_path / "sharded"
+    # One torch thread in every process (accelerate's default per launched process): the same float reductions.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    plain = subprocess.run([sys.executable, "-m", "detect.cli", *command, str(reference)], capture_output=True,
+                           text=True, env=env)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+
+    # Resume state of a killed launch: shard 1 of 2 had scored images 1 and 3 (rows copied from the reference);
+    # the launch must score only the rest (in the batches of a one-process run of the rest) and write the
+    # reference table.
+    rows = (reference / "scores.csv").read_text().splitlines()
+    key = predict_run_key(model_dir, iter_paths([images]), True)
+    sharded.mkdir()
+    header = f"# {key}\nindex,{rows[0]}\n"
+    (sharded / f"{PARTIAL_SCORES}.shard-001-of-002").write_text(header + f"1,{rows[2]}\n3,{rows[4]}\n")
+    launcher = shutil.which("accelerate")
+    done = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "--main_process_port", "29518", "-m", "detect.cli", *command, str(sharded)],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (sharded / "scores.csv").read_bytes() == (reference / "scores.csv").read_bytes()
+    assert not list(sharded.glob(".scores.partial*"))
+    overlays = sorted(p.name for p in (sharded / "overlays").glob("*.png"))
+    # Images 1 and 3 were done before the launch: not scored again, so no overlay of theirs is written now.
+    assert len(overlays) == 19 - 2 and not any(name.startswith(("00001_", "00003_")) for name in overlays)
