@@ -426,9 +426,12 @@ def _classification_cell(cfg: DecisionConfig, arm: str, known: _Known, synthetic
     fit_s = time.perf_counter() - started
     held = [i for i, c in enumerate(rep.eval_classes) if c != GOOD]
     truth = [classes.index(rep.eval_classes[i]) for i in held]
-    predicted = classifier.predict([rep.eval_images[i] for i in held]).indices.tolist()
-    metrics = classification_metrics(truth, predicted, classes)
-    return {**metrics, "n_real": n_real, "n_synthetic": n_synthetic, "n_eval": len(held),
+    prediction = classifier.predict([rep.eval_images[i] for i in held])
+    metrics = classification_metrics(truth, prediction.indices.tolist(), classes)
+    # The mean probability of the true class: tells two models apart even where both predict the same labels.
+    true_class_probability = float(prediction.probabilities[np.arange(len(truth)), truth].mean()) if truth else 0.0
+    return {**metrics, "true_class_probability": round(true_class_probability, 6),
+            "n_real": n_real, "n_synthetic": n_synthetic, "n_eval": len(held),
             "synthetic_weight": options.get("synthetic_weight", 1.0), "fit_s": round(fit_s, 3),
             "steps": classifier.config.steps}
 

@@ -566,9 +566,15 @@ def test_rgba_16bit_grayscale_palette_images_work_and_come_out_8bit_rgb(paths, t
     sources = {json.loads(line)["source_image"] for line in (out / "manifest.jsonl").read_text().splitlines()
                if json.loads(line)["split"] == "test"}
     assert len(sources) == 6  # each odd image was used once
+    source_of = {json.loads(line)["image"]: json.loads(line)["source_image"]
+                 for line in (out / "manifest.jsonl").read_text().splitlines()}
     for path in generated:
+        source = read_image(source_of[str(path.relative_to(out))])
+        gray_source = np.array_equal(source[..., 0], source[..., 1]) and np.array_equal(source[..., 0], source[..., 2])
         with Image.open(path) as img:
-            assert img.mode == "RGB", (path, img.mode)  # 3 channels, 8 bits each
+            # 8 bits per channel; a grayscale source stays one channel (lossless: readers return RGB).
+            assert img.mode == ("L" if gray_source else "RGB"), (path, img.mode)
+        assert read_image(path).shape == (64, 64, 3)
     # train/good keeps the original bytes (documented: add_file copies), and reads back as 8-bit RGB.
     for path in sorted((out / "train" / "good").iterdir()):
         assert path.read_bytes() == (modes / path.name).read_bytes()
@@ -657,7 +663,9 @@ def test_generate_into_a_partial_run_keeps_its_files(paths, tmp_path, capsys, mo
 
     normal = paths["brick"] / "train" / "good"
     out = tmp_path / "out"
-    base = ["synth", "generate", "-q", "--normal", str(normal), "--method", "perlin", "--n", "6", "--out", str(out)]
+    # One worker: the injected failure counts calls in this process (forked workers would each count their own).
+    base = ["synth", "generate", "-q", "--normal", str(normal), "--method", "perlin", "--n", "6", "--out", str(out),
+            "--workers", "1"]
     # A partial run: the generator fails (as a crash or kill would) at its 4th call, after 3 complete samples.
     real_build = generate_module.build_generator
     fail_at = {"call": 4}

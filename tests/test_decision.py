@@ -107,7 +107,8 @@ def test_real_plus_synthetic_differs_from_real_only(run):
             if task == "classification":
                 assert real["n_synthetic"] == 0 and mixed["n_synthetic"] > 0
                 assert mixed["synthetic_weight"] < 1.0  # real and synthetic each get half the batches
-                assert (mixed["confusion"], mixed["mean_accuracy"]) != (real["confusion"], real["mean_accuracy"])
+                # The models differ (at these tiny budgets both may still predict the same labels).
+                assert mixed["true_class_probability"] != real["true_class_probability"]
             else:
                 assert mixed["n_anomalies"] > real["n_anomalies"]
                 assert mixed["image_auroc"] != real["image_auroc"] or mixed["pixel_ap"] != real["pixel_ap"]
