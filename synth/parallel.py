@@ -100,7 +100,9 @@ def ordered_map(function: Callable[[ItemT], ResultT], items: Iterable[ItemT], wo
     A failure in a worker re-raises here at its item; the items after it are cancelled.
     """
     items = list(items)
-    if workers <= 1 or len(items) <= 1 or not can_fork():
+    # A process that has imported torch (the pipelines, a test session) may hold OpenMP threads a forked child
+    # would wait on forever: the full test suite hung there. Such callers run in-process; the CLI imports no torch.
+    if workers <= 1 or len(items) <= 1 or not can_fork() or "torch" in sys.modules:
         yield from map(function, items)
         return
     import cv2
