@@ -24,6 +24,8 @@ from detect.models.reconstruction.dsr.torch_model import (
 )
 from synth.errors import ConfigError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 64
 # Narrow CPU-test networks (defaults are wider); batch 2 gives 7 optimiser steps per epoch on the 13 crops.
 TINY = {"image_size": SIZE, "seed": 0, "batch_size": 2, "embedding_dim": 16, "num_embeddings": 64,
