@@ -10,7 +10,7 @@ With an interpreter where anomalib cannot be imported, only our model is measure
 
 What is measured, in one run:
 
-1. End to end on real data (default: ../shared/data/magnetic-tile, the first 100 train/good images in sorted
+1. End to end on real data (default: ../shared/data/magnetic-tile, the first 50 train/good images in sorted
    order; test on the first 50 test/good + 50 defect images, taken round-robin over the sorted defect classes).
    Both models get the same preloaded tensors (image decoding and resizing are timed once, apart), the same
    tf_efficientnet_lite0 weights (our resolved state dict is loaded into Anomalib's TimmFeatureExtractor and its
@@ -24,7 +24,9 @@ What is measured, in one run:
    runs ``--anomalib-coreset-iters`` centers and the full time is extrapolated (marked as such);
    ``--anomalib-coreset-iters 0`` runs it completely.
 
-Results go to ``<out>.json`` and ``<out>.md`` (default scripts/results/bench_patchcore) and are printed.
+Every time is the median of ``--repeats`` (default 3) runs with min and max (the metrics are the same every run:
+same seed); the quiet-machine rule of ``scripts/quiet_run.py`` marks the run. Results go to ``<out>.json`` and
+``<out>.md`` (default scripts/results/bench_patchcore) and are printed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,6 +53,9 @@ from detect.models.memory.patchcore import Patchcore, k_center_greedy  # noqa: E
 from detect.models.memory.patchcore.detector import coreset_size  # noqa: E402
 from synth.defect_set import read_defect_set  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+from quiet_run import LoadWatch  # noqa: E402
+
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic-tile"
 DEFAULT_OUT = REPO / "scripts" / "results" / "bench_patchcore"
 
@@ -57,7 +63,7 @@ DEFAULT_OUT = REPO / "scripts" / "results" / "bench_patchcore"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MVTec-layout folder")
-    parser.add_argument("--train", type=int, default=100, help="train/good images (first, sorted)")
+    parser.add_argument("--train", type=int, default=50, help="train/good images (first, sorted)")
     parser.add_argument("--good", type=int, default=50, help="test/good images")
     parser.add_argument("--defect", type=int, default=50, help="defect images (round-robin over classes)")
     parser.add_argument("--image-size", type=int, default=256)
@@ -65,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--coreset-ratio", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs of each side (medians reported, with min-max)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--coreset-n", type=int, default=100_000, help="micro-benchmark: number of patches")
     parser.add_argument("--coreset-dim", type=int, default=384, help="micro-benchmark: patch dimension")
@@ -264,6 +272,21 @@ def bench_coreset(args: argparse.Namespace, with_anomalib: bool) -> dict:
     return result
 
 
+# ----- repeats ------------------------------------------------------------------------------------------------
+
+def repeated(measure: Any, repeats: int) -> tuple:
+    """Run ``measure()`` (returns a tuple whose first item is a dict of results) ``repeats`` times; the first item
+    becomes the medians of its timing fields (``*_s``, ``*_ips*``, ``speedup``) with ``<field>_min`` / ``_max``;
+    the other items (model, outputs) are the last run's (deterministic: the same seed every run)."""
+    runs = [measure() for _ in range(max(repeats, 1))]
+    merged = dict(runs[-1][0])
+    for key, value in runs[-1][0].items():
+        if isinstance(value, float) and (key.endswith("_s") or "_ips" in key or key == "speedup"):
+            values = [run[0][key] for run in runs]
+            merged.update({key: statistics.median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return (merged, *runs[-1][1:])
+
+
 # ----- report -------------------------------------------------------------------------------------------------
 
 def metrics(outputs: dict, labels: np.ndarray, masks: np.ndarray) -> dict:
@@ -277,19 +300,21 @@ def markdown(report: dict) -> str:
               f"{setup['test_defect']} defect test images; image size {setup['image_size']}, layers {setup['layers']}, "
               f"coreset ratio {setup['coreset_ratio']}, backbone {setup['backbone']} (same weights). "
               f"Machine: {report['machine']['cpus']} CPUs, torch {report['machine']['torch']} with "
-              f"{report['machine']['torch_threads']} threads; load average {report['machine']['load_before']} before, "
-              f"{report['machine']['load_after']} after. Image loading (shared, not in the times): "
-              f"{report['load_images_s']:.1f} s.", ""]
+              f"{report['machine']['torch_threads']} threads. Image loading (shared, not in the times): "
+              f"{report['load_images_s']:.1f} s. Times: median of {report['machine']['repeats']} runs (min-max).", "",
+              report["machine"]["status"], ""]
     if report.get("anomalib_error"):
         lines += [f"Anomalib not measured: {report['anomalib_error']}", ""]
-    lines += ["| | fit s (features + coreset) | predict img/s | end-to-end s | image AUROC | pixel AUROC "
-              "| memory bank |", "|---|---|---|---|---|---|---|"]
+    lines += ["| | fit s (features + coreset) [min-max] | predict img/s [min-max] | end-to-end s | image AUROC "
+              "| pixel AUROC | memory bank |", "|---|---|---|---|---|---|---|"]
     for name in ("ours", "anomalib"):
         r = report.get(name)
         if not r:
             continue
-        lines.append(f"| {name} | {r['fit_s']:.1f} ({r['fit_features_s']:.1f} + {r['fit_coreset_s']:.1f}) | "
-                     f"{r['predict_ips']:.1f} | {r['end_to_end_s']:.1f} | {r['image_auroc']:.4f} | "
+        lines.append(f"| {name} | {r['fit_s']:.1f} ({r['fit_features_s']:.1f} + {r['fit_coreset_s']:.1f}) "
+                     f"[{r['fit_s_min']:.1f}-{r['fit_s_max']:.1f}] | {r['predict_ips']:.1f} "
+                     f"[{r['predict_ips_min']:.1f}-{r['predict_ips_max']:.1f}] | {r['end_to_end_s']:.1f} | "
+                     f"{r['image_auroc']:.4f} | "
                      f"{r['pixel_auroc']:.4f} | {r['memory_bank'][0]} x {r['memory_bank'][1]} |")
     ours = report["ours"]
     lines += ["", f"Ours with the faiss search: {ours['predict_ips_faiss']:.1f} img/s (torch search "
@@ -309,7 +334,8 @@ def markdown(report: dict) -> str:
         if "anomalib_s" in micro:
             how = (f"extrapolated from {micro['anomalib_centers_run']} of {micro['anomalib_centers_full']} centers"
                    if micro["anomalib_extrapolated"] else "full run")
-            lines[-1] += (f", Anomalib KCenterGreedy {micro['anomalib_s']:.1f} s ({how}, projection to "
+            lines[-1] += (f", Anomalib KCenterGreedy {micro['anomalib_s']:.1f} s "
+                          f"[{micro['anomalib_s_min']:.1f}-{micro['anomalib_s_max']:.1f}] ({how}, projection to "
                           f"{micro['anomalib_projection_dim']}): {micro['speedup']:.1f}x.")
         else:
             lines[-1] += "."
@@ -328,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "batch_size": args.batch_size, "backbone": "tf_efficientnet_lite0", "seed": args.seed},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(), "python": sys.executable,
-                    "load_before": [round(v, 2) for v in os.getloadavg()]},
+                    "repeats": args.repeats},
     }
     data, train_samples, test_samples = select_samples(args.data, args.train, args.good, args.defect)
     start = time.perf_counter()
@@ -340,27 +366,29 @@ def main(argv: list[str] | None = None) -> dict:
     labels = np.array([s.is_anomalous for s in test_samples])
     masks = np.stack([resize_mask(data.load_mask(s), args.image_size) for s in test_samples])
 
-    ours, detector, ours_out = bench_ours(args, train, test)
-    ours.update(metrics(ours_out, labels, masks))
-    report["ours"] = ours
-    print(f"ours: {json.dumps(ours)}", flush=True)
-    if anomalib is not None:
-        theirs, theirs_out = bench_anomalib(args, detector, train, test)
-        theirs.update(metrics(theirs_out, labels, masks))
-        report["anomalib"] = theirs
-        print(f"anomalib: {json.dumps(theirs)}", flush=True)
-        report["ratios"] = {
-            "end_to_end_speedup": theirs["end_to_end_s"] / ours["end_to_end_s"],
-            "fit_speedup": theirs["fit_s"] / ours["fit_s"],
-            "coreset_speedup": theirs["fit_coreset_s"] / ours["fit_coreset_s"],
-            "predict_speedup": ours["predict_ips"] / theirs["predict_ips"],
-            "image_auroc_diff_points": 100 * (ours["image_auroc"] - theirs["image_auroc"]),
-            "pixel_auroc_diff_points": 100 * (ours["pixel_auroc"] - theirs["pixel_auroc"]),
-        }
-    if not args.skip_micro:
-        report["coreset_micro"] = bench_coreset(args, anomalib is not None)
-        print(f"coreset micro: {json.dumps(report['coreset_micro'])}", flush=True)
-    report["machine"]["load_after"] = [round(v, 2) for v in os.getloadavg()]
+    with LoadWatch() as watch:
+        ours, detector, ours_out = repeated(lambda: bench_ours(args, train, test), args.repeats)
+        ours.update(metrics(ours_out, labels, masks))
+        report["ours"] = ours
+        print(f"ours: {json.dumps(ours)}", flush=True)
+        if anomalib is not None:
+            theirs, theirs_out = repeated(lambda: bench_anomalib(args, detector, train, test), args.repeats)
+            theirs.update(metrics(theirs_out, labels, masks))
+            report["anomalib"] = theirs
+            print(f"anomalib: {json.dumps(theirs)}", flush=True)
+            report["ratios"] = {
+                "end_to_end_speedup": theirs["end_to_end_s"] / ours["end_to_end_s"],
+                "fit_speedup": theirs["fit_s"] / ours["fit_s"],
+                "coreset_speedup": theirs["fit_coreset_s"] / ours["fit_coreset_s"],
+                "predict_speedup": ours["predict_ips"] / theirs["predict_ips"],
+                "image_auroc_diff_points": 100 * (ours["image_auroc"] - theirs["image_auroc"]),
+                "pixel_auroc_diff_points": 100 * (ours["pixel_auroc"] - theirs["pixel_auroc"]),
+            }
+        if not args.skip_micro:
+            report["coreset_micro"] = repeated(lambda: (bench_coreset(args, anomalib is not None),), args.repeats)[0]
+            print(f"coreset micro: {json.dumps(report['coreset_micro'])}", flush=True)
+    report["machine"].update(watch.record())
+    report["machine"]["status"] = watch.status_line()
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")

@@ -16,9 +16,8 @@ Two image kinds: 256x256 RGB (scikit-image's coffee photo) and 500x1250 grayscal
 
 ``end to end / floor`` is the share of the disk's speed that generation reaches. Beside it, our ``perlin`` against
 Anomalib's ``PerlinAnomalyGenerator`` (probability 1) in memory and with the same PNG writer, one process each.
-Every number is the median of ``--repeats`` (default 3) with min and max. The 1-minute load average is recorded
-before every measurement; a run that starts above the core count, or rises above cores + 1 (its own workers
-and coordinator), is marked LOADED and is not for publication.
+Every number is the median of ``--repeats`` (default 3) with min and max. The quiet-machine rule of
+``scripts/quiet_run.py`` marks the run (LOADED results are not for publication).
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quiet_run import LoadWatch  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
+
 from synth.io import list_images, read_image, write_image, write_json, write_text  # noqa: E402
 from synth.parallel import default_workers, ordered_map  # noqa: E402
 
@@ -47,10 +48,6 @@ KOLEKTOR = REPO.parent / "shared" / "data" / "kolektorsdd" / "train" / "good"
 DEMO = REPO / "assets" / "demo"
 METHODS = ("perlin", "draem", "cutpaste", "paste")
 NORMALS_PER_KIND = 16
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
 
 
 def base_image(kind: str) -> np.ndarray:
@@ -158,32 +155,28 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def repeat(measure: Callable[[], float], repeats: int, loads: list[float]) -> dict[str, float]:
-    values = []
-    for _ in range(repeats):
-        loads.append(load_average())
-        values.append(measure())
-    return summary(values)
+def repeat(measure: Callable[[], float], repeats: int) -> dict[str, float]:
+    return summary([measure() for _ in range(repeats)])
 
 
 def fmt(stat: dict[str, float]) -> str:
     return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
 
 
-def bench_kind(kind: str, n: int, args: argparse.Namespace, tmp: Path, loads: list[float]) -> list[dict]:
+def bench_kind(kind: str, n: int, args: argparse.Namespace, tmp: Path) -> list[dict]:
     """Floor, then in memory and end to end for every method, on one image kind."""
     normal_dir = tmp / "normal"
     normals = write_normals(kind, normal_dir)
     image = read_image(normals[0])
     runs = iter(range(10**6))  # a fresh output folder per measurement
-    floor = repeat(lambda: rate_floor(normals, n, tmp / f"floor{next(runs)}"), args.repeats, loads)
+    floor = repeat(lambda: rate_floor(normals, n, tmp / f"floor{next(runs)}"), args.repeats)
     print(f"{kind}: I/O floor {fmt(floor)} img/s on {default_workers()} cores", flush=True)
     rows = []
     for method in args.methods:
         memory = repeat(lambda: rate_in_memory(in_memory_generator(method), image, args.n_memory),  # noqa: B023
-                        args.repeats, loads)
+                        args.repeats)
         end_to_end = repeat(lambda: rate_end_to_end(method, normal_dir, n, tmp / f"{method}{next(runs)}"),  # noqa: B023
-                            args.repeats, loads)
+                            args.repeats)
         ratio = end_to_end["median"] / floor["median"]
         rows.append({"kind": kind, "method": method, "n": n, "memory_img_s": memory, "end_to_end_img_s": end_to_end,
                      "floor_img_s": floor, "end_to_end_over_floor": ratio})
@@ -192,15 +185,15 @@ def bench_kind(kind: str, n: int, args: argparse.Namespace, tmp: Path, loads: li
     return rows
 
 
-def bench_vs_anomalib(peer: Callable | None, repeats: int, tmp: Path, loads: list[float]) -> list[dict]:
+def bench_vs_anomalib(peer: Callable | None, repeats: int, tmp: Path) -> list[dict]:
     """Our perlin and Anomalib's (when importable), 256 px RGB, one process each, in memory and with PNG."""
     image = base_image("rgb256")
     arms = {"perlin": in_memory_generator("perlin"), **({"anomalib PerlinAnomalyGenerator": peer} if peer else {})}
     runs = iter(range(10**6))
     rows = []
     for name, generate in arms.items():
-        memory = repeat(lambda: rate_in_memory(generate, image, 60), repeats, loads)  # noqa: B023
-        png = repeat(lambda: rate_in_memory(generate, image, 60, tmp / f"png{next(runs)}"), repeats, loads)  # noqa: B023
+        memory = repeat(lambda: rate_in_memory(generate, image, 60), repeats)  # noqa: B023
+        png = repeat(lambda: rate_in_memory(generate, image, 60, tmp / f"png{next(runs)}"), repeats)  # noqa: B023
         rows.append({"generator": name, "memory_img_s": memory, "png_img_s": png})
         print(f"rgb256: {name} memory {fmt(memory)}  with PNG (one process) {fmt(png)}", flush=True)
     return rows
@@ -216,32 +209,21 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench_synth")
     args = parser.parse_args()
 
-    cores = default_workers()
-    loads: list[float] = [load_average()]  # the first: the machine before this run
     rows, peer_rows = [], []
     peer, peer_name = anomalib_perlin()
-    with tempfile.TemporaryDirectory() as tmp_dir:
+    with LoadWatch(cores=default_workers()) as watch, tempfile.TemporaryDirectory() as tmp_dir:
         for kind, n in (("rgb256", args.n_rgb256), ("gray500x1250", args.n_gray)):
-            rows += bench_kind(kind, n, args, Path(tmp_dir) / kind, loads)
-        peer_rows = bench_vs_anomalib(peer, args.repeats, Path(tmp_dir) / "peer", loads)
-    loads.append(load_average())
-    # Quiet: nothing else ran before (load at the start within the core count) and nothing joined during the run
-    # (this run itself keeps `cores` workers plus its coordinating process busy, so up to cores + 1).
-    quiet = loads[0] <= cores and max(loads) <= cores + 1
+            rows += bench_kind(kind, n, args, Path(tmp_dir) / kind)
+        peer_rows = bench_vs_anomalib(peer, args.repeats, Path(tmp_dir) / "peer")
     ratios = {}
     if len(peer_rows) == 2:
         ratios = {key: peer_rows[0][key]["median"] / peer_rows[1][key]["median"]
                   for key in ("memory_img_s", "png_img_s")}
-    meta = {"quiet": quiet, "load_average_at_start": loads[0], "load_average_max": max(loads),
-            "load_average_min": min(loads), "load_averages": loads, "cores": cores,
-            "repeats": args.repeats, "peer": peer_name, "python": platform.python_version(),
+    meta = {**watch.record(), "repeats": args.repeats, "peer": peer_name, "python": platform.python_version(),
             "command": " ".join([Path(sys.executable).name, *sys.argv])}
     write_json(args.out.with_suffix(".json"), {"meta": meta, "results": rows, "vs_anomalib": peer_rows,
                                               "perlin_over_anomalib": ratios})
-    status = "quiet" if quiet else "LOADED (other work beside the run): not for publication"
-    lines = [f"Run: {status}; 1-minute load average {loads[0]:.2f} at the start, {min(loads):.2f}-{max(loads):.2f} "
-             f"during, on {cores} cores; median of "
-             f"{args.repeats} (min-max); peer: {peer_name}.", "",
+    lines = [watch.status_line() + f" Median of {args.repeats} (min-max); peer: {peer_name}.", "",
              "| image | method | in memory img/s (1 process) | end to end img/s (synth generate, all cores) | "
              "I/O floor img/s | end to end / floor |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['kind']} | {r['method']} | {fmt(r['memory_img_s'])} | {fmt(r['end_to_end_img_s'])} | "
@@ -254,7 +236,7 @@ def main() -> None:
         lines += ["", f"perlin / Anomalib: {ratios['memory_img_s']:.1f}x in memory, {ratios['png_img_s']:.1f}x with "
                   f"PNG writing."]
     write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(f"wrote {args.out.with_suffix('.md')} ({status})")
+    print(f"wrote {args.out.with_suffix('.md')} ({'quiet' if watch.quiet else 'LOADED'})")
 
 
 if __name__ == "__main__":
