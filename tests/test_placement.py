@@ -276,6 +276,24 @@ def test_blend_changes_only_the_feathered_mask(mode: str, where: str, brick, gra
     assert change > MIN_INSIDE_CHANGE
 
 
+@pytest.mark.parametrize("mode", ["alpha", "texture", "poisson", "paint"])
+@pytest.mark.parametrize("top_left", [(100, 120), (0, 0), (150, 200)])
+def test_blend_on_a_window_matches_the_whole_image(mode: str, top_left, brick, gravel) -> None:
+    """blend works on a window around the mask for speed; its bytes equal the whole-image computation."""
+    from synth.placement import _CLONE_FLAGS, _blend_window
+
+    full, patch, offset = _placed_defect(brick, gravel, top_left)
+    with_patch = mode != "paint"
+    kwargs = {"feather": FEATHER, "alpha_strength": (0.3, 0.6), "alpha_polarity": "random", "texture_gain": 1.0}
+    windowed, _ = blend(brick, full, mode="alpha" if mode == "paint" else mode, rng=np.random.default_rng(3),
+                        source_patch=patch if with_patch else None, patch_offset=offset if with_patch else None,
+                        clone_mode="mixed", **kwargs)
+    whole = _blend_window(brick, full, mode="alpha" if mode == "paint" else mode, rng=np.random.default_rng(3),
+                          source_patch=patch if with_patch else None, source_background=None,
+                          offset=offset if with_patch else (0, 0), clone_flag=_CLONE_FLAGS["mixed"], **kwargs)
+    assert np.array_equal(windowed, whole)
+
+
 def test_synthetic_alpha_paint_without_patch(brick) -> None:
     full = np.zeros(brick.shape[:2], bool)
     full[40:168, 60:220] = _ellipse_mask()
