@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from detect.registry import create, load
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import ConfigError, InputError
 from synth.io import durable_writes, iter_paths, read_image, write_image, write_json, write_text
-from synth.parallel import Shard, current_shard
+from synth.parallel import Shard, current_shard, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +194,6 @@ def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], ke
     main process writes the final table once all are done (the same bytes as one process), and any later run
     resumes from every partial file with the same key.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     from tqdm import tqdm
 
     out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +268,11 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     batch_size = batch_size or detector.config.batch_size
     calibration = detector.calibration
 
+    def write_overlay(index: int, i: int, images: list[np.ndarray], prediction: Any) -> None:
+        write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
+                    prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
+                                       with_mask=prediction.masks is not None))
+
     def score(images: list[np.ndarray], kept: list[int]) -> dict[int, dict[str, str]]:
         prediction = detector.predict(images)
         normalized = prediction.normalized_scores
@@ -280,15 +284,17 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
                 "anomalous": "" if prediction.labels is None else str(int(prediction.labels[index])),
                 "error": "",
             }
-            if overlays:
-                write_image(out / "overlays" / f"{i:05d}_{paths[i].stem}.png",
-                            prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
-                                               with_mask=prediction.masks is not None))
+        if overlays:
+            # PNG encoding (the larger part of an overlay's cost) releases the GIL: a batch's overlays are written
+            # on all cores, and all exist before its rows are appended (a row means its overlay is complete).
+            list(overlay_pool.map(write_overlay, range(len(kept)), kept, [images] * len(kept),
+                                  [prediction] * len(kept)))
         return scored
 
-    rows = write_rows_resumably(out, paths, SCORE_FIELDS, predict_run_key(Path(model_dir), paths, overlays),
-                                score, partial_name=PARTIAL_SCORES, final_name="scores.csv",
-                                batch_size=batch_size, desc="detect predict", progress=progress)
+    with ThreadPoolExecutor(default_workers()) as overlay_pool:
+        rows = write_rows_resumably(out, paths, SCORE_FIELDS, predict_run_key(Path(model_dir), paths, overlays),
+                                    score, partial_name=PARTIAL_SCORES, final_name="scores.csv",
+                                    batch_size=batch_size, desc="detect predict", progress=progress)
     if not current_shard().is_main:  # a shard under accelerate launch: the main process wrote scores.csv
         return out / "scores.csv"
     errors = sum(1 for r in rows.values() if r["error"])

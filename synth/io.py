@@ -210,6 +210,10 @@ def _atomic_write_bytes(path: Path, write: Callable[[object], object]) -> None:
 # grayscale KolektorSDD photo (2 cores): level 1 encodes in 18 ms (PIL's default level 6: 146 ms) for a file 14 %
 # larger than PIL's; level 0 is 10 ms but 2.4x the bytes; level 3: 33 ms, 9 % smaller than level 1.
 DEFAULT_PNG_COMPRESSION = 1
+# PNG row filter of encode_png: "up" (each row minus the row above) instead of libpng's adaptive choice per row.
+# Measured at level 1 (10 encodes each, one ad-hoc timing, 2 cores): KolektorSDD gray 14.1 -> 8.8 ms (+1 % bytes),
+# 512 px RGB coffee 19.7 -> 13.8 ms (+4 %), a 500x2500 heat-map overlay 77 -> 49 ms (-4 %). Lossless like every
+# filter.
 
 
 def smallest_lossless_mode(image: np.ndarray) -> np.ndarray:
@@ -248,7 +252,10 @@ def encode_png(array: np.ndarray, compression: int = DEFAULT_PNG_COMPRESSION) ->
     if not 0 <= compression <= 9:
         raise InputError(f"PNG compression must be 0-9 (zlib level), got {compression}.")
     pixels = array if array.ndim == 2 else cv2.cvtColor(array, cv2.COLOR_RGB2BGR)
-    ok, encoded = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, int(compression)])
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(compression)]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # older OpenCV builds lack the flag: libpng's adaptive filter
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    ok, encoded = cv2.imencode(".png", pixels, params)
     if not ok:
         raise InputError(f"could not encode an image of shape {array.shape} as PNG.")
     return encoded.tobytes()
