@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from quiet_run import LoadWatch  # scripts/ is sys.path[0] when this script runs
 
 from detect.registry import list_models
 from detect.runner import benchmark
@@ -83,15 +84,18 @@ def main() -> None:
                               f"{args.test_good}_{args.test_per_class}", max_train=args.max_train,
                               test_good=args.test_good, test_per_class=args.test_per_class)
     budgets = {} if args.full_epochs else CPU_BUDGETS
-    table = benchmark(names, data, args.out, options={"image_size": args.image_size}, model_options=budgets,
-                      max_train=args.max_train)
+    with LoadWatch() as watch:
+        table = benchmark(names, data, args.out, options={"image_size": args.image_size}, model_options=budgets,
+                          max_train=args.max_train)
     n_test = sum(1 for _ in (data / "test").rglob("*.*"))
     header = (f"Data: {args.data.name} ({args.max_train} train/good images, {n_test} test images: "
               f"{args.test_good or 'all'} good + {args.test_per_class or 'all'} per defect class, seed 0), "
               f"image_size {args.image_size}, each model's default options except the CPU epoch budgets in the last "
               f"column (`--full-epochs` drops them); {os.cpu_count()} CPUs, "
               f"{platform.processor() or platform.machine()}. Fit includes threshold calibration on 20 % held-out "
-              f"normals + synthetic anomalies.\n\n")
+              f"normals + synthetic anomalies.\n\n{watch.status_line()} Rows resumed from earlier runs carry "
+              f"their own load column: a row above {watch.cores + 1} ran beside other work, and its fit s and "
+              f"predict img/s are not for publication.\n\n")
     (args.out / "bench_detectors.md").write_text(header + table + "\n")
     print(header + table)
 

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from quiet_run import LoadWatch  # scripts/ is sys.path[0] when this script runs
 from torch import nn
 
 from detect.models.distillation.efficientad.torch_model import EfficientAdModel
@@ -129,8 +130,10 @@ def report(result: dict) -> str:
         f"# {result['model']} CPU latency (batch 1, median of {result['runs_per_median']} runs after "
         f"{result['warmup']} warm-up calls; best of the repeated medians listed)",
         "",
-        f"torch {result['torch']}, {result['cpu_count']} CPU cores (shared machine: the 1-minute load average "
-        f"around each measurement is shown). Target: <= {result['target_ms']:.0f} ms/image on 2 cores at 256 px.",
+        result.get("status", "Run: quiet status not recorded (a run before scripts/quiet_run.py)."),
+        "",
+        f"torch {result['torch']}, {result['cpu_count']} CPU cores (the 1-minute load average around each "
+        f"measurement is shown). Target: <= {result['target_ms']:.0f} ms/image on 2 cores at 256 px.",
         "",
         "GMACs per image (convolutions): " + "; ".join(
             f"{s} px: " + ", ".join(f"{k} {v}" for k, v in m.items()) for s, m in result["gmacs_per_image"].items()),
@@ -155,22 +158,8 @@ def report(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
-    parser.add_argument("--model-size", default="small", choices=["small", "medium"])
-    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
-    parser.add_argument("--runs", type=int, default=50)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--merge", action="store_true", help="add to the rows already in --out (other sizes)")
-    args = parser.parse_args(argv)
-
-    torch.manual_seed(0)
-    rows = []
-    macs = {}
+def measure_all(args: argparse.Namespace, rows: list[dict], macs: dict) -> None:
+    """Every size x threads x variant of ``args``, appended to ``rows``; MAC counts into ``macs``."""
     for size in args.sizes:
         model = EfficientAdModel(args.model_size, size).eval()
         model.reset_parameters(torch.Generator().manual_seed(0))
@@ -194,6 +183,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{size:4d}px {threads} thr {name:30s} best median {best:9.2f} ms  "
                       f"(medians {[round(m, 1) for m in medians]}, load {loads})", flush=True)
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256])
+    parser.add_argument("--model-size", default="small", choices=["small", "medium"])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (slow to compile)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", action="store_true", help="add to the rows already in --out (other sizes)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    rows = []
+    macs = {}
+    with LoadWatch() as watch:
+        measure_all(args, rows, macs)
+    result_status = watch.status_line()
     result = {
         "model": f"EfficientAD-{args.model_size[0].upper()}",
         "batch_size": 1,
@@ -206,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "results": rows,
+        "load": watch.record(),
+        "status": result_status,
     }
     json_path = args.out / "bench_efficientad.json"
     if args.merge and json_path.is_file():  # keep earlier rows of other sizes / threads / variants

@@ -330,7 +330,8 @@ def markdown(report: dict) -> str:
     micro = report.get("coreset_micro")
     if micro:
         lines += ["", f"Coreset micro-benchmark: {micro['centers']} centers from {micro['n']} x {micro['dim']} random "
-                  f"patches: ours {micro['ours_s']:.1f} s (projection to {micro['ours_projection_dim']})"]
+                  f"patches: ours {micro['ours_s']:.1f} s [{micro['ours_s_min']:.1f}-{micro['ours_s_max']:.1f}] "
+                  f"(projection to {micro['ours_projection_dim']})"]
         if "anomalib_s" in micro:
             how = (f"extrapolated from {micro['anomalib_centers_run']} of {micro['anomalib_centers_full']} centers"
                    if micro["anomalib_extrapolated"] else "full run")

@@ -31,6 +31,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from quiet_run import LoadWatch  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
+
 
 def make_images(folder: Path, n: int, size: int, seed: int = 0) -> Path:
     """``n`` random crops of three real textures (cached: reused when the folder already has ``n`` images)."""
@@ -105,28 +107,10 @@ def summarize(run: dict, n: int) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=2000)
-    parser.add_argument("--peer-n", type=int, default=500)
-    parser.add_argument("--disk-size", type=int, default=256, help="side of the images on disk (px)")
-    parser.add_argument("--model", default="padim")
-    parser.add_argument("--image-size", type=int, default=128, help="model input size")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pixelvision_stream_images")
-    parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results")
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace, images: Path, peer_images: Path, work: Path) -> dict:
+    """Fit the model on 20 images, then the peer and the main predict runs; the work folder is removed."""
     from detect.runner import fit_model
 
-    images = make_images(args.cache / f"{args.n}_{args.disk_size}", args.n, args.disk_size)
-    peer_images = args.cache / f"{args.peer_n}_{args.disk_size}_peer"
-    if not peer_images.is_dir() or len(list(peer_images.glob("*.jpg"))) != args.peer_n:
-        shutil.rmtree(peer_images, ignore_errors=True)
-        peer_images.mkdir(parents=True)
-        for path in sorted(images.glob("*.jpg"))[:args.peer_n]:
-            shutil.copy(path, peer_images / path.name)
-    work = Path(tempfile.mkdtemp(prefix="pixelvision_stream_"))
     try:
         train = work / "train"
         train.mkdir()
@@ -140,12 +124,37 @@ def main() -> None:
             runs[label] = summarize(monitored_predict(model_dir, folder, work / f"out_{label}", args.batch_size), n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    return runs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=2000)
+    parser.add_argument("--peer-n", type=int, default=500)
+    parser.add_argument("--disk-size", type=int, default=256, help="side of the images on disk (px)")
+    parser.add_argument("--model", default="padim")
+    parser.add_argument("--image-size", type=int, default=128, help="model input size")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pixelvision_stream_images")
+    parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results")
+    args = parser.parse_args()
+
+    images = make_images(args.cache / f"{args.n}_{args.disk_size}", args.n, args.disk_size)
+    peer_images = args.cache / f"{args.peer_n}_{args.disk_size}_peer"
+    if not peer_images.is_dir() or len(list(peer_images.glob("*.jpg"))) != args.peer_n:
+        shutil.rmtree(peer_images, ignore_errors=True)
+        peer_images.mkdir(parents=True)
+        for path in sorted(images.glob("*.jpg"))[:args.peer_n]:
+            shutil.copy(path, peer_images / path.name)
+    work = Path(tempfile.mkdtemp(prefix="pixelvision_stream_"))
+    with LoadWatch() as watch:
+        runs = measure(args, images, peer_images, work)
     main_run, peer = runs["main"], runs["peer"]
     result = {
         "command": "python scripts/bench_predict_stream.py " + " ".join(sys.argv[1:]),
         "model": args.model, "image_size": args.image_size, "disk_size": args.disk_size,
         "batch_size": args.batch_size, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-        "load_avg_1min": round(os.getloadavg()[0], 2),
+        "load": watch.record(),
         "peak_rss_ratio_main_over_peer": round(main_run["peak_rss_mib"] / peer["peak_rss_mib"], 3),
         "images_ratio_main_over_peer": round(args.n / args.peer_n, 2),
         "main": main_run, "peer": peer,
@@ -155,7 +164,9 @@ def main() -> None:
     lines = [
         f"# `detect predict` load check: {args.n} images vs {args.peer_n} (peer), {args.model} at {args.image_size} px",
         "",
-        f"`{result['command']}` on {os.cpu_count()} CPU cores (1-min load {result['load_avg_1min']}); images "
+        watch.status_line(),
+        "",
+        f"`{result['command']}` on {os.cpu_count()} CPU cores; images "
         f"{args.disk_size}x{args.disk_size} JPEG, overlays written, batch {args.batch_size}.",
         "",
         "| run | images | wall s | start-up s | images/s | peak RSS MiB | RSS growth 10%->100% MiB | throughput CV |",

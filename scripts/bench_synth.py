@@ -121,7 +121,16 @@ def rate_in_memory(generate: Callable, image: np.ndarray, n: int, write_dir: Pat
 
 
 def rate_floor(normals: list[Path], n: int, out: Path) -> float:
-    """Images/s of read normal + write image + write mask on all cores (the worker pool synth generate uses)."""
+    """Images/s of read normal + write image + write mask on all cores, in a fresh process (the worker pool synth
+    generate uses: ``ordered_map`` runs in-process once torch is imported, as it is here by the peer)."""
+    command = [sys.executable, __file__, "--floor-only", str(n), str(out), *map(str, normals)]
+    result = subprocess.run(command, check=True, cwd=REPO, capture_output=True, text=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def measure_floor(normals: list[Path], n: int, out: Path) -> float:
+    """The floor itself (run by :func:`rate_floor` in a process without torch)."""
+    assert "torch" not in sys.modules, "the floor must run where ordered_map forks its workers"
     shape = read_image(normals[0]).shape[:2]
     mask = np.zeros(shape, bool)
     mask[shape[0] // 3: shape[0] // 2, shape[1] // 3: shape[1] // 2] = True
@@ -207,7 +216,12 @@ def main() -> None:
     parser.add_argument("--n-memory", type=int, default=100)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench_synth")
+    parser.add_argument("--floor-only", nargs="+", help=argparse.SUPPRESS)  # N OUT NORMAL...: one floor, printed
     args = parser.parse_args()
+    if args.floor_only:
+        n, out, *normals = args.floor_only
+        print(measure_floor([Path(p) for p in normals], int(n), Path(out)))
+        return
 
     rows, peer_rows = [], []
     peer, peer_name = anomalib_perlin()

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from quiet_run import LoadWatch  # scripts/ is sys.path[0] when this script runs
 
 import detect
 from detect.calibration import oracle_recall
@@ -128,9 +129,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
     lines = [
         "# Thresholds with few normal shots (`scripts/bench_thresholds.py`)", "",
-        f"Load average before / after: {meta['load_before']} / {meta['load_after']} on {meta['cpus']} cores; "
-        f"{meta['wall_s']:.0f} s for this invocation (cached cells are reused); seeds {meta['seeds']} (one shot "
-        "draw and model seed each); mean ± std over the seeds of each row.",
+        f"{meta.get('status', 'Run: load not recorded.')} {meta['wall_s']:.0f} s for this invocation (cached cells "
+        f"are reused); seeds {meta['seeds']} (one shot draw and model seed each); mean ± std over the seeds of each "
+        "row.",
         "Bar (issue 16): at k >= 8, measured FPR <= 2 x target and recall gap (ROC recall at the target rate minus "
         "recall at the tool's threshold) <= 0.10.", "",
         "| dataset | model | k | seeds | image AUROC | target FPR | measured FPR | recall | ROC recall at target "
@@ -160,29 +161,30 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     shots = [int(k) for k in args.shots.split(",")]
     out: Path = args.out
-    started, load_before = time.perf_counter(), os.getloadavg()
-    cells = []
-    for name in datasets:
-        root = dataset_root(name, args.work)
-        if not root.exists():
-            print(f"skip {name}: {root} not found")
-            continue
-        size = DATASETS[name][1]
-        for model in models:
-            for k in shots:
-                for seed in range(args.seeds):
-                    path = out / "cells" / f"{name}__{model}__k{k}__s{seed}.json"
-                    cell = read_json_if_exists(path)
-                    if not isinstance(cell, dict):
-                        cell = {"dataset": name, "size": size, **run_cell(model, root, size, k, seed)}
-                        write_json(path, cell)
-                    cells.append(cell)
-                    five = cell["targets"]["0.05"]
-                    print(f"{name} {model} k={k} seed={seed}: AUROC {cell['auroc']:.3f}, FPR {five['fpr']:.3f} "
-                          f"recall {five['recall']:.3f} (oracle {five['oracle_recall']:.3f}) at 5 %; old "
-                          f"FPR {cell['old']['fpr']:.3f}", flush=True)
-    meta = {"load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "cpus": os.cpu_count(), "wall_s": time.perf_counter() - started, "seeds": args.seeds,
+    started = time.perf_counter()
+    with LoadWatch() as watch:
+        cells = []
+        for name in datasets:
+            root = dataset_root(name, args.work)
+            if not root.exists():
+                print(f"skip {name}: {root} not found")
+                continue
+            size = DATASETS[name][1]
+            for model in models:
+                for k in shots:
+                    for seed in range(args.seeds):
+                        path = out / "cells" / f"{name}__{model}__k{k}__s{seed}.json"
+                        cell = read_json_if_exists(path)
+                        if not isinstance(cell, dict):
+                            cell = {"dataset": name, "size": size, **run_cell(model, root, size, k, seed)}
+                            write_json(path, cell)
+                        cells.append(cell)
+                        five = cell["targets"]["0.05"]
+                        print(f"{name} {model} k={k} seed={seed}: AUROC {cell['auroc']:.3f}, FPR {five['fpr']:.3f} "
+                              f"recall {five['recall']:.3f} (oracle {five['oracle_recall']:.3f}) at 5 %; old "
+                              f"FPR {cell['old']['fpr']:.3f}", flush=True)
+    meta = {**watch.record(), "status": watch.status_line(), "cpus": os.cpu_count(),
+            "wall_s": time.perf_counter() - started, "seeds": args.seeds,
             "python": platform.python_version(), "datasets": datasets, "models": models, "shots": shots}
     # Every cached cell counts (runs with other --models / --seeds into the same OUT add up).
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
