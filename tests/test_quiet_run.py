@@ -1,0 +1,50 @@
+"""The quiet-machine rule of the benchmarks (scripts/quiet_run.py): which runs may be published."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+
+from quiet_run import LoadWatch  # noqa: E402
+
+
+def watched(samples: list[float], cores: int = 2) -> LoadWatch:
+    watch = LoadWatch(cores=cores)
+    watch.samples = samples
+    return watch
+
+
+@pytest.mark.parametrize(("samples", "quiet"), [
+    ([0.8, 2.2, 2.9, 1.5], True),    # the benchmark's own workers and coordinator: up to cores + 1
+    ([2.5, 2.0, 1.0], False),        # something else was running when it started
+    ([0.5, 3.4, 2.0], False),        # something joined during the run
+    ([2.0, 3.0], True),              # the bounds themselves are quiet
+])
+def test_quiet_rule(samples: list[float], quiet: bool) -> None:
+    watch = watched(samples)
+    assert watch.quiet is quiet
+    record = watch.record()
+    assert record["quiet"] is quiet and record["load_average_at_start"] == samples[0]
+    assert record["load_average_max"] == max(samples) and record["load_average_samples"] == len(samples)
+    assert watch.status_line().startswith("Run: quiet;" if quiet else "Run: LOADED")
+
+
+def test_samples_at_entry_during_and_exit() -> None:
+    with LoadWatch(every=0.01) as watch:
+        assert len(watch.samples) == 1
+        while len(watch.samples) < 3:  # the background thread adds samples while the block runs
+            time.sleep(0.005)
+    count = len(watch.samples)
+    assert count >= 4  # entry, at least two periodic, exit
+    assert watch._thread is not None and not watch._thread.is_alive()
+    assert len(watch.samples) == count  # nothing is added after exit
+
+
+def test_no_samples_is_an_error() -> None:
+    with pytest.raises(RuntimeError, match="context manager"):
+        _ = LoadWatch().quiet
