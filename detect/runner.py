@@ -177,16 +177,21 @@ def _shard_partial(partial: Path, shard: Shard) -> Path:
     return partial.with_name(f"{partial.name}.shard-{shard.index:03d}-of-{shard.count:03d}")
 
 
+ScoredRows = dict[int, dict[str, str]]
+
+
 def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], key: str,
-                         score: Callable[[list[np.ndarray], list[int]], dict[int, dict[str, str]]], *,
+                         score: Callable[[list[np.ndarray], list[int]], ScoredRows | Callable[[], ScoredRows]], *,
                          partial_name: str, final_name: str, batch_size: int, desc: str, progress: bool
                          ) -> dict[int, dict[str, str]]:
     """The resumable batch loop of ``detect predict`` and ``detect classify predict``.
 
     ``score(images, indices)`` returns one CSV row per readable image (writing any side files such as overlays
-    first); unreadable images get a row with only ``image`` and ``error``. Rows are appended to
-    ``OUT/partial_name`` after each batch (a row there means its side files are complete), so a rerun with the
-    same ``key`` (model + image list) only scores the missing images; ``OUT/final_name`` is written atomically in
+    first), or a callable that waits for the side files and then returns the rows: the loop calls it only after
+    the next batch has been scored, so side files are written while the model runs; unreadable images get a row
+    with only ``image`` and ``error``. Rows are appended to ``OUT/partial_name`` batch by batch (a row there means
+    its side files are complete), so a rerun with the same ``key`` (model + image list) only scores the missing
+    images; ``OUT/final_name`` is written atomically in
     input order at the end and the partial file removed. Returns the rows by image index.
 
     The next batch is decoded on a background thread while the model scores the current one. Under
@@ -218,21 +223,37 @@ def write_rows_resumably(out: Path, paths: Sequence[Path], fields: list[str], ke
             open(partial, "a", encoding="utf-8", newline="") as handle, ThreadPoolExecutor(1) as decoder:
         writer = csv.DictWriter(handle, fieldnames=["index", *fields], lineterminator="\n")
         upcoming = decoder.submit(read_batch, paths, chunks[0]) if chunks else None
-        for number, chunk in enumerate(chunks):
-            assert upcoming is not None
-            images, kept, failed = upcoming.result()
-            if number + 1 < len(chunks):
-                upcoming = decoder.submit(read_batch, paths, chunks[number + 1])
-            new_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
-                        for i, error in failed.items()}
-            if images:
-                new_rows.update(score(images, kept))
+        pending: tuple[ScoredRows, ScoredRows | Callable[[], ScoredRows]] | None = None
+
+        def append(done: tuple[ScoredRows, ScoredRows | Callable[[], ScoredRows]]) -> None:
+            """Append one batch's rows once its side files exist (a row in the partial file means complete)."""
+            new_rows, scored = done
+            new_rows.update(scored() if callable(scored) else scored)
             writer.writerows({"index": i, **row} for i, row in sorted(new_rows.items()))
             handle.flush()
             if durable_writes():
                 os.fsync(handle.fileno())
             rows.update(new_rows)
-            bar.update(len(chunk) * shard.count)
+            bar.update(len(new_rows) * shard.count)
+
+        for number in range(len(chunks)):
+            assert upcoming is not None
+            images, kept, failed = upcoming.result()
+            if number + 1 < len(chunks):
+                upcoming = decoder.submit(read_batch, paths, chunks[number + 1])
+            failed_rows = {i: {**dict.fromkeys(fields, ""), "image": str(paths[i]), "error": error}
+                           for i, error in failed.items()}
+            try:
+                scored = score(images, kept) if images else {}
+            except BaseException:
+                if pending is not None:  # the finished batch still counts: a rerun resumes after it
+                    append(pending)
+                raise
+            if pending is not None:
+                append(pending)
+            pending = (failed_rows, scored)
+        if pending is not None:
+            append(pending)
     shard.wait_for_everyone()
     if not shard.is_main:
         return rows
@@ -273,7 +294,7 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
                     prediction_overlay(images[index], prediction.anomaly_maps[index], calibration,
                                        with_mask=prediction.masks is not None))
 
-    def score(images: list[np.ndarray], kept: list[int]) -> dict[int, dict[str, str]]:
+    def score(images: list[np.ndarray], kept: list[int]) -> ScoredRows | Callable[[], ScoredRows]:
         prediction = detector.predict(images)
         normalized = prediction.normalized_scores
         scored = {}
@@ -284,12 +305,18 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
                 "anomalous": "" if prediction.labels is None else str(int(prediction.labels[index])),
                 "error": "",
             }
-        if overlays:
-            # PNG encoding (the larger part of an overlay's cost) releases the GIL: a batch's overlays are written
-            # on all cores, and all exist before its rows are appended (a row means its overlay is complete).
-            list(overlay_pool.map(write_overlay, range(len(kept)), kept, [images] * len(kept),
-                                  [prediction] * len(kept)))
-        return scored
+        if not overlays:
+            return scored
+        # PNG encoding (the larger part of an overlay's cost) releases the GIL: a batch's overlays are written on
+        # all cores while the model scores the next batch; its rows are appended once they exist.
+        writes = [overlay_pool.submit(write_overlay, index, i, images, prediction) for index, i in enumerate(kept)]
+
+        def rows_once_written() -> ScoredRows:
+            for write in writes:
+                write.result()  # re-raises a failed write
+            return scored
+
+        return rows_once_written
 
     with ThreadPoolExecutor(default_workers()) as overlay_pool:
         rows = write_rows_resumably(out, paths, SCORE_FIELDS, predict_run_key(Path(model_dir), paths, overlays),

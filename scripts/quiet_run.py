@@ -9,6 +9,9 @@ every few seconds while it runs, and marks its results:
   process);
 - **LOADED** otherwise: the results are written (for the record) but are not for publication.
 
+On entry it first waits (up to ``SETTLE_SECONDS``) for the load to fall to the core count, so a benchmark run
+right after another one is not marked loaded by work that has finished.
+
 Use::
 
     from quiet_run import LoadWatch          # scripts/ is on sys.path when a script in it runs
@@ -23,17 +26,24 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from types import TracebackType
 
 SAMPLE_SECONDS = 5.0
+# Before measuring, wait up to this long for the 1-minute average to fall to the core count: a benchmark that
+# follows another (or a test run) would otherwise start "loaded" by work that has already finished.
+SETTLE_SECONDS = 180.0
 
 
 class LoadWatch:
     """Samples ``os.getloadavg()[0]`` at entry, every ``every`` seconds on a daemon thread, and at exit."""
 
-    def __init__(self, cores: int | None = None, every: float = SAMPLE_SECONDS) -> None:
+    def __init__(self, cores: int | None = None, every: float = SAMPLE_SECONDS,
+                 settle: float = SETTLE_SECONDS) -> None:
         self.cores = cores or len(os.sched_getaffinity(0))
         self.every = every
+        self.settle = settle
+        self.settled_s = 0.0
         self.samples: list[float] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -48,6 +58,10 @@ class LoadWatch:
             self.sample()
 
     def __enter__(self) -> LoadWatch:
+        start = time.monotonic()
+        while os.getloadavg()[0] > self.cores and time.monotonic() - start < self.settle:
+            time.sleep(min(self.every, self.settle))
+        self.settled_s = round(time.monotonic() - start, 1)
         self.sample()
         self._thread = threading.Thread(target=self._run, name="load-watch", daemon=True)
         self._thread.start()
@@ -70,7 +84,7 @@ class LoadWatch:
         """The fields every results JSON carries."""
         return {"quiet": self.quiet, "cores": self.cores, "load_average_at_start": self.samples[0],
                 "load_average_min": min(self.samples), "load_average_max": max(self.samples),
-                "load_average_samples": len(self.samples),
+                "load_average_samples": len(self.samples), "waited_for_quiet_s": self.settled_s,
                 "quiet_rule": f"start <= {self.cores} cores and max <= {self.cores + 1}"}
 
     def status_line(self) -> str:

@@ -14,7 +14,7 @@ from quiet_run import LoadWatch  # noqa: E402
 
 
 def watched(samples: list[float], cores: int = 2) -> LoadWatch:
-    watch = LoadWatch(cores=cores)
+    watch = LoadWatch(cores=cores, settle=0)
     watch.samples = samples
     return watch
 
@@ -35,7 +35,7 @@ def test_quiet_rule(samples: list[float], quiet: bool) -> None:
 
 
 def test_samples_at_entry_during_and_exit() -> None:
-    with LoadWatch(every=0.01) as watch:
+    with LoadWatch(every=0.01, settle=0) as watch:
         assert len(watch.samples) == 1
         while len(watch.samples) < 3:  # the background thread adds samples while the block runs
             time.sleep(0.005)
@@ -48,3 +48,23 @@ def test_samples_at_entry_during_and_exit() -> None:
 def test_no_samples_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="context manager"):
         _ = LoadWatch().quiet
+
+
+def test_waits_for_the_load_to_settle_then_measures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run right after another waits (up to ``settle`` s) for the load average to fall to the core count."""
+    import quiet_run
+
+    loads = iter([5.0, 5.0, 1.0])  # busy, busy, then quiet: two waits, then the first sample
+    monkeypatch.setattr(quiet_run.os, "getloadavg", lambda: (next(loads, 1.0), 0.0, 0.0))
+    with LoadWatch(cores=2, every=0.05, settle=10) as watch:
+        assert watch.samples == [1.0]
+    assert 0.05 <= watch.settled_s < 10 and watch.quiet
+
+
+def test_gives_up_waiting_and_marks_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import quiet_run
+
+    monkeypatch.setattr(quiet_run.os, "getloadavg", lambda: (6.0, 0.0, 0.0))
+    with LoadWatch(cores=2, every=0.05, settle=0.2) as watch:
+        pass
+    assert watch.settled_s >= 0.2 and not watch.quiet

@@ -1,0 +1,249 @@
+"""Reference parity: our models and Anomalib's side by side, same images, size, backbone weights and budget.
+
+Anomalib is not a project dependency; give it a venv that sees the project (as for bench_patchcore.py):
+
+    python -m venv --system-site-packages /tmp/anomalib-venv && /tmp/anomalib-venv/bin/pip install anomalib
+    /tmp/anomalib-venv/bin/python scripts/bench_vs_anomalib.py                 # every model with an adapter
+    /tmp/anomalib-venv/bin/python scripts/bench_vs_anomalib.py --models padim  # one model
+
+Data (default ../shared/data/magnetic-tile, any MVTec-layout folder with ``--data``): the first ``--train``
+train/good images in sorted order; the first ``--good`` test/good and ``--defect`` defect images (round-robin
+over the sorted defect classes), decoded and resized once (``bench_patchcore.select_samples`` / ``load_images``).
+
+Each (model, side) runs in its own process (peak RSS is per cell) and writes
+``OUT/cells/<model>__<side>.json``; a rerun skips finished cells (resumable across sessions) and the table
+``OUT.md`` is rewritten after every cell. Per cell: image AUROC, pixel AUROC, AUPRO (``detect.metrics``, the same
+code for both sides), fit s, predict img/s (batch 16, after one warm-up batch), peak RSS.
+
+Our side: ``detect.create(model, image_size=..., seed=0, **budget).fit(images, calibrate=False)``: every
+training image is used and no threshold is calibrated, as on Anomalib's side. Anomalib's side: its torch model,
+driven as its Lightning module does (train-mode forward to collect embeddings, then its fit step), without
+Lightning, on the same tensors, with our resolved Lite0 ImageNet weights loaded into its ``TimmFeatureExtractor``
+and its features checked equal to ours (offline: Anomalib cannot download them here), and our normalisation.
+
+Models without an adapter yet get a row "not compared yet" (never a silent gap). The quiet-machine rule of
+``scripts/quiet_run.py`` marks every cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench_patchcore import load_images, select_samples  # noqa: E402  (scripts/ is sys.path[0] here)
+from quiet_run import LoadWatch  # noqa: E402
+
+from synth.io import write_json, write_text  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic-tile"
+DEFAULT_OUT = REPO / "scripts" / "results" / "bench_vs_anomalib"
+# Every model Anomalib 2.x also implements (issue 19), in table order.
+MODELS = ("padim", "patchcore", "dfkde", "dfm", "cfa", "cflow", "fastflow", "csflow", "uflow", "stfpm",
+          "reverse_distillation", "fre", "efficientad", "ganomaly", "draem", "dsr", "supersimplenet", "uninet",
+          "dinomaly", "winclip", "vlm_ad")
+BATCH = 16
+
+
+# ----- Anomalib adapters: build(ours_detector, args) -> model; fit(model, batches); predict(model, batch) ----------
+
+def _timm_features_equal(ours: Any, theirs_extractor: Any, size: int) -> None:
+    """Load our backbone weights into Anomalib's TimmFeatureExtractor and check both give the same features."""
+    import torch
+
+    body = theirs_extractor.feature_extractor
+    body.load_state_dict({k: v.contiguous() for k, v in ours.model.extractor.body.state_dict().items()}, strict=True)
+    check = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        mine = ours.model.extractor(check)
+        theirs = theirs_extractor((check - ours.model.extractor.mean) / ours.model.extractor.std)
+    for a, b in zip(mine, theirs.values(), strict=True):
+        torch.testing.assert_close(a.contiguous(), b.contiguous(), rtol=1e-3, atol=1e-4)
+
+
+def _padim(ours: Any, size: int) -> Any:
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    config = ours.config
+    model = PadimModel(backbone=config.backbone, layers=list(config.layers), pre_trained=False,
+                       n_features=config.n_features)
+    _timm_features_equal(ours, model.feature_extractor, size)
+    # The same random channel subset as ours: what remains to differ is the implementation.
+    model.idx = ours.model.index.clone()
+    return model
+
+
+def _patchcore(ours: Any, size: int) -> Any:
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+
+    config = ours.config
+    model = PatchcoreModel(layers=list(config.layers), backbone=config.backbone, pre_trained=False,
+                           num_neighbors=config.num_neighbors)
+    _timm_features_equal(ours, model.feature_extractor, size)
+    model.coreset_ratio = config.coreset_ratio  # read by the fit step below
+    return model
+
+
+def _fit_embedding_model(model: Any, batches: list) -> None:
+    """PaDiM / PatchCore: train-mode forward collects embeddings, then the model's own fit step."""
+    import torch
+
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    if hasattr(model, "subsample_embedding"):
+        model.subsample_embedding(model.coreset_ratio)
+    else:
+        model.fit()
+    model.eval()
+
+
+ADAPTERS: dict[str, tuple[Callable[[Any, int], Any], Callable[[Any, list], None]]] = {
+    "padim": (_padim, _fit_embedding_model),
+    "patchcore": (_patchcore, _fit_embedding_model),
+}
+
+
+# ----- one cell ------------------------------------------------------------------------------------------------
+
+def run_cell(model_name: str, side: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    import detect
+    from detect.data import resize_mask
+    from detect.metrics import aupro, auroc
+
+    torch.manual_seed(0)
+    data, train_samples, test_samples = select_samples(args.data, args.train, args.good, args.defect)
+    train = load_images(data, train_samples, args.image_size)
+    test = load_images(data, test_samples, args.image_size)
+    labels = np.array([s.is_anomalous for s in test_samples])
+    masks = np.stack([resize_mask(data.load_mask(s), args.image_size) for s in test_samples])
+    ours = detect.create(model_name, image_size=args.image_size, seed=0)
+    cell: dict[str, Any] = {"model": model_name, "side": side, "train": len(train_samples),
+                            "test": len(test_samples), "image_size": args.image_size}
+    if side == "ours":
+        arrays = list((train.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        test_arrays = list((test.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
+        start = time.perf_counter()
+        ours.fit(arrays, calibrate=False, progress=False)
+        cell["fit_s"] = time.perf_counter() - start
+        ours.predict(test_arrays[:BATCH])  # warm-up
+        start = time.perf_counter()
+        prediction = ours.predict(test_arrays, batch_size=BATCH)
+        cell["predict_ips"] = len(test_arrays) / (time.perf_counter() - start)
+        scores, maps = prediction.scores, prediction.anomaly_maps
+    else:
+        build, fit = ADAPTERS[model_name]
+        model = build(ours, args.image_size)
+        mean, std = ours.model.extractor.mean, ours.model.extractor.std
+        start = time.perf_counter()
+        fit(model, [(b - mean) / std for b in train.split(BATCH)])
+        cell["fit_s"] = time.perf_counter() - start
+
+        @torch.no_grad()
+        def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            out_scores, out_maps = [], []
+            for batch in images.split(BATCH):
+                out = model((batch - mean) / std)
+                out_scores.append(out.pred_score.reshape(-1).numpy())
+                out_maps.append(out.anomaly_map.reshape(len(batch), *batch.shape[-2:]).numpy())
+            return np.concatenate(out_scores), np.concatenate(out_maps)
+
+        predict(test[:BATCH])  # warm-up
+        start = time.perf_counter()
+        scores, maps = predict(test)
+        cell["predict_ips"] = len(test) / (time.perf_counter() - start)
+    cell.update(image_auroc=auroc(scores, labels), pixel_auroc=auroc(maps, masks),
+                aupro=aupro(maps, masks),
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return cell
+
+
+# ----- the table ---------------------------------------------------------------------------------------------
+
+def fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else ("" if value is None else str(value))
+
+
+def markdown(cells: dict[tuple[str, str], dict], args: argparse.Namespace) -> str:
+    lines = ["# Ours vs Anomalib, same images, size, weights and budget (`scripts/bench_vs_anomalib.py`)", "",
+             f"Data: {args.data} — first {args.train} train/good, {args.good} good + {args.defect} defect test "
+             f"images; {args.image_size} px; tf_efficientnet_lite0 with the same ImageNet weights on both sides "
+             "(features checked equal); our models with `calibrate=False` (all training images, no threshold).",
+             "Each cell is its own process; `load` is the quiet-machine status of that cell.", "",
+             "| model | side | image AUROC | pixel AUROC | AUPRO | fit s | predict img/s | peak RSS MB | load | "
+             "ours - Anomalib, image / pixel AUROC points |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in args.models:
+        ours, theirs = cells.get((name, "ours")), cells.get((name, "anomalib"))
+        if name not in ADAPTERS:
+            lines.append(f"| {name} | | not compared yet: no Anomalib adapter in this script | | | | | | | |")
+            continue
+        diff = ""
+        if ours and theirs and "error" not in ours and "error" not in theirs:
+            diff = (f"{100 * (ours['image_auroc'] - theirs['image_auroc']):+.1f} / "
+                    f"{100 * (ours['pixel_auroc'] - theirs['pixel_auroc']):+.1f}")
+        for side, cell in (("ours", ours), ("anomalib", theirs)):
+            if cell is None:
+                lines.append(f"| {name} | {side} | not run yet | | | | | | | |")
+            elif "error" in cell:
+                lines.append(f"| {name} | {side} | failed: {cell['error']} | | | | | | | |")
+            else:
+                lines.append(f"| {name} | {side} | {fmt(cell['image_auroc'])} | {fmt(cell['pixel_auroc'])} | "
+                             f"{fmt(cell['aupro'])} | {fmt(cell['fit_s'], 1)} | {fmt(cell['predict_ips'], 1)} | "
+                             f"{fmt(cell['peak_rss_mb'], 0)} | {cell['load']['load_average_max']:.2f}"
+                             f"{'' if cell['load']['quiet'] else ' LOADED'} | {diff if side == 'ours' else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--train", type=int, default=50)
+    parser.add_argument("--good", type=int, default=25)
+    parser.add_argument("--defect", type=int, default=25)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--cell", nargs=2, metavar=("MODEL", "SIDE"), help=argparse.SUPPRESS)  # one cell, here
+    args = parser.parse_args()
+    cells_dir = args.out / "cells"
+    if args.cell:
+        name, side = args.cell
+        with LoadWatch() as watch:
+            try:
+                cell = run_cell(name, side, args)
+            except Exception as exc:  # noqa: BLE001 - the row carries the error a user would see
+                cell = {"model": name, "side": side, "error": f"{type(exc).__name__}: {exc}"}
+        write_json(cells_dir / f"{name}__{side}.json", {**cell, "load": watch.record()})
+        return
+    cells: dict[tuple[str, str], dict] = {}
+    for name in args.models:
+        for side in ("ours", "anomalib") if name in ADAPTERS else ():
+            path = cells_dir / f"{name}__{side}.json"
+            if not path.is_file():
+                print(f"{name} / {side} ...", flush=True)
+                command = [sys.executable, __file__, "--cell", name, side, "--data", str(args.data),
+                           "--train", str(args.train), "--good", str(args.good), "--defect", str(args.defect),
+                           "--image-size", str(args.image_size), "--out", str(args.out)]
+                subprocess.run(command, check=True, cwd=REPO)
+            cells[(name, side)] = json.loads(path.read_text(encoding="utf-8"))
+            write_text(args.out.with_suffix(".md"), markdown(cells, args))
+    write_text(args.out.with_suffix(".md"), markdown(cells, args))
+    print(markdown(cells, args))
+
+
+if __name__ == "__main__":
+    main()
