@@ -109,3 +109,25 @@ def make_texture_defect_set(
                        mask=mask, generator="toyset", params={"texture": texture, "procedure": defect_class},
                        seed=seed)
     return writer.finalize({"generator": "synth.toyset", "texture": texture, "seed": seed})
+
+
+def write_generation_inputs(root: str | Path, *, seed: int = 0, n_normals: int = 8, gray: bool = False) -> Path:
+    """What ``synth generate`` reads, from real textures: ``root/normal`` (``n_normals`` 96 px brick crops, one
+    channel when ``gray``) and 2 spot + 2 scratch exemplars on gravel (``root/defects/<class>``, ``root/masks``).
+
+    Deterministic for a given seed; returns ``root``.
+    """
+    from synth.io import write_image
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    brick, gravel = load_texture("brick"), load_texture("gravel")
+    for i in range(n_normals):
+        crop = random_crop(brick, 96, rng)
+        write_image(root / "normal" / f"n{i}.png", crop[..., 0] if gray else crop)
+    for defect_class in ("spot", "scratch"):
+        for i in range(2):
+            image, mask = plant_defect(random_crop(gravel, 80, rng), defect_class, rng)
+            write_image(root / "defects" / defect_class / f"{defect_class}{i}.png", image)
+            write_image(root / "masks" / defect_class / f"{defect_class}{i}_mask.png", mask)
+    return root

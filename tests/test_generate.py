@@ -17,7 +17,7 @@ import pytest
 from synth.cli import main as synth_main
 from synth.defect_set import read_defect_set
 from synth.io import read_image, write_image
-from synth.toyset import load_texture, plant_defect, random_crop
+from synth.toyset import write_generation_inputs
 
 METHODS = ["perlin", "draem", "cutpaste", "scar", "cutpaste3way"]
 
@@ -25,17 +25,7 @@ METHODS = ["perlin", "draem", "cutpaste", "scar", "cutpaste3way"]
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """8 real brick crops as normals; 2 spot + 2 scratch exemplars (image + mask) on gravel."""
-    root = tmp_path_factory.mktemp("inputs")
-    rng = np.random.default_rng(0)
-    brick, gravel = load_texture("brick"), load_texture("gravel")
-    for i in range(8):
-        write_image(root / "normal" / f"n{i}.png", random_crop(brick, 96, rng))
-    for defect_class in ("spot", "scratch"):
-        for i in range(2):
-            image, mask = plant_defect(random_crop(gravel, 80, rng), defect_class, rng)
-            write_image(root / "defects" / defect_class / f"{defect_class}{i}.png", image)
-            write_image(root / "masks" / defect_class / f"{defect_class}{i}_mask.png", mask)
-    return root
+    return write_generation_inputs(tmp_path_factory.mktemp("inputs"), seed=0)
 
 
 def run(*args: str | Path) -> int:

@@ -17,23 +17,13 @@ from PIL import Image
 
 from synth.cli import main as synth_main
 from synth.io import encode_png, read_image, read_mask, smallest_lossless_mode, write_image
-from synth.toyset import load_texture, plant_defect, random_crop
+from synth.toyset import write_generation_inputs
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
     """8 brick normals (grayscale files) and 2 + 2 gravel exemplars."""
-    root = tmp_path_factory.mktemp("parallel_inputs")
-    rng = np.random.default_rng(1)
-    brick, gravel = load_texture("brick"), load_texture("gravel")
-    for i in range(8):
-        write_image(root / "normal" / f"n{i}.png", random_crop(brick, 96, rng)[..., 0])
-    for defect_class in ("spot", "scratch"):
-        for i in range(2):
-            image, mask = plant_defect(random_crop(gravel, 80, rng), defect_class, rng)
-            write_image(root / "defects" / defect_class / f"{defect_class}{i}.png", image)
-            write_image(root / "masks" / defect_class / f"{defect_class}{i}_mask.png", mask)
-    return root
+    return write_generation_inputs(tmp_path_factory.mktemp("parallel_inputs"), seed=1, gray=True)
 
 
 def _args(inputs: Path, method: str, n: int) -> list[str]:

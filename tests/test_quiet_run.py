@@ -68,3 +68,21 @@ def test_gives_up_waiting_and_marks_the_run(monkeypatch: pytest.MonkeyPatch) -> 
     with LoadWatch(cores=2, every=0.05, settle=0.2) as watch:
         pass
     assert watch.settled_s >= 0.2 and not watch.quiet
+
+
+@pytest.mark.parametrize(("others", "quiet"), [(0.1, True), (0.6, False)])
+def test_other_processes_decide_not_the_benchmarks_own_load(others: float, quiet: bool) -> None:
+    """A benchmark that oversubscribes the cores itself (load 3.6 on 2 cores) is quiet when nothing else ran."""
+    watch = watched([0.5, 3.6, 2.0])
+    watch.others_cores = others
+    assert watch.quiet is quiet
+    assert watch.record()["other_processes_cores"] == others
+    assert f"other processes used {others:.2f} cores" in watch.status_line()
+
+
+def test_a_child_process_counts_as_the_benchmarks_own_cpu() -> None:
+    import subprocess
+
+    with LoadWatch(every=0.05, settle=0) as watch:
+        subprocess.run([sys.executable, "-c", "sum(i * i for i in range(3_000_000))"], check=True)
+    assert watch.others_cores is not None and watch.others_cores >= 0.0
