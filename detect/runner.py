@@ -280,8 +280,14 @@ def predict_to_folder(model_dir: str | Path, inputs: Sequence[str | Path], out: 
     """
     if batch_size is not None and batch_size < 1:
         raise InputError(f"--batch-size {batch_size}: must be >= 1 (leave it out to use the model's batch size).")
+    started = time.time()
     out = Path(out)
     check_output_folder(out)
+    # A run killed while overlays were being written leaves their temporary files (written beside, then renamed);
+    # remove those of earlier runs (older than this one: a launched sibling's files are newer).
+    for stale in (out / "overlays").glob(".*.tmp"):
+        if stale.stat().st_mtime < started:
+            stale.unlink(missing_ok=True)
     detector = load(model_dir)
     paths = iter_paths(inputs)
     if not paths:

@@ -24,12 +24,10 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_synth import base_image  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
+from bench_synth import base_image, fmt, repeat  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
 from quiet_run import LoadWatch  # noqa: E402
 
 from synth.io import read_image, write_image, write_json, write_text  # noqa: E402
@@ -77,18 +75,6 @@ def rate_end_to_end(model_dir: Path, folder: Path, n: int, out: Path) -> float:
     subprocess.run(command, check=True, cwd=REPO, stdout=subprocess.DEVNULL,
                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return n / (time.perf_counter() - start)
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
-def repeat(measure: Callable[[], float], repeats: int) -> dict[str, float]:
-    return summary([measure() for _ in range(repeats)])
-
-
-def fmt(stat: dict[str, float]) -> str:
-    return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
 
 
 def bench_kind(kind: str, args: argparse.Namespace, tmp: Path) -> list[dict]:

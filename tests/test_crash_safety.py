@@ -217,6 +217,8 @@ def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
     before = scored()
     first_overlay = next((killed / "overlays").glob("00000_*.png"))
     written_at = first_overlay.stat().st_mtime_ns
+    # What a kill inside an overlay write leaves (the writer writes beside, then renames): the resume removes it.
+    (killed / "overlays" / ".00007_img_007.png.k1ll3d.tmp").write_bytes(b"half an overlay")
     done = subprocess.run([*command, str(killed)], capture_output=True, text=True, env={**ENV}, cwd=REPO)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (killed / "scores.csv").read_bytes() == (reference / "scores.csv").read_bytes()
