@@ -30,29 +30,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_synth import base_image, fmt, repeat  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
+from bench_synth import fmt, repeat, write_variants  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
 from quiet_run import LoadWatch  # noqa: E402
 
-from synth.io import read_image, write_image, write_json, write_text  # noqa: E402
+from synth.io import read_image, write_json, write_text  # noqa: E402
 
 KINDS = ("rgb256", "gray500x1250")
 
 
-def write_variants(kind: str, folder: Path, n: int) -> list[Path]:
-    """``n`` distinct images of the kind (flips and shifts of the base image), in its mode, as PNG."""
+def write_images(kind: str, folder: Path, n: int) -> list[Path]:
+    """``n`` distinct images of the kind (bench_synth's variants, 3 px shifts), as PNG."""
     folder.mkdir(parents=True, exist_ok=True)
-    image = base_image(kind)
-    paths = []
-    for i in range(n):
-        variant = np.roll(image[:, ::-1] if i % 2 else image, shift=3 * i, axis=1)
-        paths.append(folder / f"image_{i:05d}.png")
-        write_image(paths[-1], np.ascontiguousarray(variant))
-    return paths
+    return write_variants(kind, folder, n, shift=3, stem="image", digits=5)
 
 
 def rate_floor(model_dir: Path, paths: list[Path], batch_size: int) -> float:
@@ -82,9 +74,9 @@ def bench_kind(kind: str, args: argparse.Namespace, tmp: Path) -> list[dict]:
     from detect.runner import fit_model
 
     folder = tmp / kind / "images"
-    paths = write_variants(kind, folder, args.n)
+    paths = write_images(kind, folder, args.n)
     train = tmp / kind / "train"
-    write_variants(kind, train / "train" / "good", 16)
+    write_images(kind, train / "train" / "good", 16)
     rows = []
     runs = iter(range(10**6))
     for model in args.models:

@@ -60,15 +60,21 @@ def base_image(kind: str) -> np.ndarray:
     return cv2.resize(data.gravel(), (500, 1250), interpolation=cv2.INTER_LINEAR)
 
 
-def write_normals(kind: str, folder: Path) -> list[Path]:
-    """NORMALS_PER_KIND distinct normals of the kind (flips and shifts of the base image), in its mode."""
+def write_variants(kind: str, folder: Path, n: int, *, shift: int, stem: str, digits: int) -> list[Path]:
+    """``n`` distinct images of the kind (flips and shifts by ``shift * i`` px of the base image), in its mode, as
+    ``folder/<stem>_<i, zero-padded to digits>.png``."""
     image = base_image(kind)
     paths = []
-    for i in range(NORMALS_PER_KIND):
-        variant = np.roll(image[:, ::-1] if i % 2 else image, shift=7 * i, axis=1)
-        paths.append(folder / f"normal_{i:02d}.png")
+    for i in range(n):
+        variant = np.roll(image[:, ::-1] if i % 2 else image, shift=shift * i, axis=1)
+        paths.append(folder / f"{stem}_{i:0{digits}d}.png")
         write_image(paths[-1], np.ascontiguousarray(variant))
     return paths
+
+
+def write_normals(kind: str, folder: Path) -> list[Path]:
+    """NORMALS_PER_KIND distinct normals of the kind, the inputs of the end-to-end runs."""
+    return write_variants(kind, folder, NORMALS_PER_KIND, shift=7, stem="normal", digits=2)
 
 
 def in_memory_generator(method: str) -> Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray]]:
