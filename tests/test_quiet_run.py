@@ -56,6 +56,9 @@ def test_waits_for_the_load_to_settle_then_measures(monkeypatch: pytest.MonkeyPa
 
     loads = iter([5.0, 5.0, 1.0])  # busy, busy, then quiet: two waits, then the first sample
     monkeypatch.setattr(quiet_run.os, "getloadavg", lambda: (next(loads, 1.0), 0.0, 0.0))
+    # The machine's real CPU counters would make this test depend on whatever else runs beside it (CI's own
+    # processes did): a constant counter means "nothing else ran", which is the case this test is about.
+    monkeypatch.setattr(quiet_run, "busy_cpu_seconds", lambda: 0.0)
     with LoadWatch(cores=2, every=0.05, settle=10) as watch:
         assert watch.samples == [1.0]
     assert 0.05 <= watch.settled_s < 10 and watch.quiet
