@@ -28,12 +28,13 @@ Models without an adapter yet get a row "not compared yet" (never a silent gap).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,18 +59,52 @@ BATCH = 16
 
 # ----- Anomalib adapters: build(ours_detector, args) -> model; fit(model, batches); predict(model, batch) ----------
 
-def _timm_features_equal(ours: Any, theirs_extractor: Any, size: int) -> None:
-    """Load our backbone weights into Anomalib's TimmFeatureExtractor and check both give the same features."""
+def _load_and_check(ours_extractor: Any, their_body: Any, their_features: Callable[[Any], list], size: int) -> None:
+    """Load our backbone weights into Anomalib's timm body and check both give the same features."""
     import torch
 
-    body = theirs_extractor.feature_extractor
-    body.load_state_dict({k: v.contiguous() for k, v in ours.model.extractor.body.state_dict().items()}, strict=True)
+    their_body.load_state_dict({k: v.contiguous() for k, v in ours_extractor.body.state_dict().items()},
+                               strict=True)
+    their_body.eval()  # timm builds in train mode; every Anomalib model runs its frozen backbone in eval mode
     check = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        mine = ours.model.extractor(check)
-        theirs = theirs_extractor((check - ours.model.extractor.mean) / ours.model.extractor.std)
-    for a, b in zip(mine, theirs.values(), strict=True):
+        mine = ours_extractor(check)
+        theirs = their_features((check - ours_extractor.mean) / ours_extractor.std)
+    for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a.contiguous(), b.contiguous(), rtol=1e-3, atol=1e-4)
+
+
+def _timm_features_equal(ours_extractor: Any, theirs_extractor: Any, size: int) -> None:
+    """The same check for Anomalib's ``TimmFeatureExtractor`` (a dict of features, one per layer)."""
+    _load_and_check(ours_extractor, theirs_extractor.feature_extractor,
+                    lambda x: list(theirs_extractor(x).values()), size)
+
+
+@contextlib.contextmanager
+def _timm_offline(substitute: dict[str, Callable[..., Any]] | None = None) -> Iterator[None]:
+    """Build Anomalib's timm models without their (unreachable) pretrained download; the weights are ours, loaded
+    after construction. ``substitute`` maps a backbone name Anomalib hard-codes to a builder of ours (FastFlow)."""
+    import timm
+
+    original = timm.create_model
+
+    def create_model(name: str, *args: Any, **kwargs: Any) -> Any:
+        kwargs["pretrained"] = False
+        if substitute and name in substitute:
+            return substitute[name](*args, **kwargs)
+        return original(name, *args, **kwargs)
+
+    timm.create_model = create_model
+    try:
+        yield
+    finally:
+        timm.create_model = original
+
+
+def _lightning(cls: Any, **kwargs: Any) -> Any:
+    """An Anomalib Lightning module without its pre/post-processing (our tensors are normalised already)."""
+    kwargs.setdefault("pre_processor", False)
+    return cls(post_processor=False, evaluator=False, visualizer=False, **kwargs)
 
 
 def _padim(ours: Any, size: int) -> Any:
@@ -78,7 +113,7 @@ def _padim(ours: Any, size: int) -> Any:
     config = ours.config
     model = PadimModel(backbone=config.backbone, layers=list(config.layers), pre_trained=False,
                        n_features=config.n_features)
-    _timm_features_equal(ours, model.feature_extractor, size)
+    _timm_features_equal(ours.model.extractor, model.feature_extractor, size)
     # The same random channel subset as ours: what remains to differ is the implementation.
     model.idx = ours.model.index.clone()
     return model
@@ -90,13 +125,36 @@ def _patchcore(ours: Any, size: int) -> Any:
     config = ours.config
     model = PatchcoreModel(layers=list(config.layers), backbone=config.backbone, pre_trained=False,
                            num_neighbors=config.num_neighbors)
-    _timm_features_equal(ours, model.feature_extractor, size)
+    _timm_features_equal(ours.model.extractor, model.feature_extractor, size)
     model.coreset_ratio = config.coreset_ratio  # read by the fit step below
     return model
 
 
+def _dfm(ours: Any, size: int) -> Any:
+    from anomalib.models.image.dfm.torch_model import DFMModel
+
+    config = ours.config
+    (layer,) = config.layers
+    model = DFMModel(backbone=config.backbone, layer=layer, pre_trained=False,
+                     pooling_kernel_size=config.pooling_kernel, n_comps=config.pca_level,
+                     score_type=config.score_type)
+    _timm_features_equal(ours.model.extractor, model.feature_extractor, size)
+    return model
+
+
+def _dfkde(ours: Any, size: int) -> Any:
+    from anomalib.models.image.dfkde.torch_model import DfkdeModel
+
+    config = ours.config
+    model = DfkdeModel(layers=list(config.layers), backbone=config.backbone, pre_trained=False,
+                       n_pca_components=config.n_components, feature_scaling_method=config.feature_scaling,
+                       max_training_points=config.max_training_points)
+    _timm_features_equal(ours.model.extractor, model.feature_extractor, size)
+    return model
+
+
 def _fit_embedding_model(model: Any, batches: list) -> None:
-    """PaDiM / PatchCore: train-mode forward collects embeddings, then the model's own fit step."""
+    """PaDiM / PatchCore / DFM / DFKDE: train-mode forward collects embeddings, then the model's own fit step."""
     import torch
 
     model.train()
@@ -110,9 +168,117 @@ def _fit_embedding_model(model: Any, batches: list) -> None:
     model.eval()
 
 
+def _stfpm(ours: Any, size: int) -> Any:
+    from anomalib.models.image.stfpm.lightning_model import Stfpm
+
+    config = ours.config
+    with _timm_offline():  # Anomalib builds its teacher pretrained=True (a download)
+        module = _lightning(Stfpm, backbone=config.backbone, layers=list(config.layers))
+    _timm_features_equal(ours.model.teacher, module.model.teacher_model, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _fre(ours: Any, size: int) -> Any:
+    import torch
+    from anomalib.models.image.fre.lightning_model import Fre
+
+    config = ours.config
+    (layer,) = config.layers
+    with torch.no_grad():  # the tied autoencoder's input: the pooled, flattened feature map
+        probe = ours.model.extractor(torch.zeros(1, 3, size, size))[0]
+        input_dim = torch.nn.functional.avg_pool2d(probe, config.pooling).numel()
+    module = _lightning(Fre, backbone=config.backbone, layer=layer, pre_trained=False,
+                        pooling_kernel_size=config.pooling, input_dim=input_dim, latent_dim=config.latent_dim)
+    _timm_features_equal(ours.model.extractor, module.model.feature_extractor, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _fastflow(ours: Any, size: int) -> Any:
+    import timm
+    from anomalib.models.image.fastflow.lightning_model import Fastflow
+
+    config = ours.config
+    # Anomalib's FastFlow accepts only resnet18 / wide_resnet50_2 / CaiT / DeiT: build its CNN branch (timm
+    # features_only, trainable LayerNorms, one flow per level) around our backbone and levels instead.
+    create = timm.create_model
+
+    def lite0(*args: Any, **kwargs: Any) -> Any:
+        kwargs["out_indices"] = list(config.layers)
+        return create(config.backbone, *args, **kwargs)
+
+    with _timm_offline({"resnet18": lite0}):
+        module = _lightning(Fastflow, backbone="resnet18", pre_trained=False, flow_steps=config.flow_steps,
+                            conv3x3_only=config.conv3x3_only, hidden_ratio=config.hidden_ratio,
+                            pre_processor=Fastflow.configure_pre_processor(image_size=(size, size)))
+    body = module.model.feature_extractor
+    _load_and_check(ours.model.feature_extractor, body, body, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _our_extractor(ours: Any) -> Any:
+    """Our model's (frozen, pretrained) backbone feature extractor, whatever the model calls it."""
+    for name in ("extractor", "teacher", "feature_extractor"):
+        if hasattr(ours.model, name):
+            return getattr(ours.model, name)
+    raise AttributeError(f"{type(ours.model).__name__} has no backbone feature extractor")
+
+
+class _Batch:
+    """What Anomalib's ``training_step`` reads of a batch."""
+
+    def __init__(self, image: Any) -> None:
+        self.image = image
+
+
+def _fit_lightning(module: Any, batches: list) -> None:
+    """Trained models: Anomalib's own ``configure_optimizers`` and ``training_step``, our epoch count, batches
+    of ``BATCH`` reshuffled every epoch (a seeded generator), no gradient clipping (their trainer arguments)."""
+    import torch
+
+    optimizer = module.configure_optimizers()
+    if isinstance(optimizer, dict):
+        optimizer = optimizer["optimizer"]
+    images = torch.cat(batches)
+    generator = torch.Generator().manual_seed(0)
+    module.model.train()
+    for _ in range(module.epochs):
+        for index in torch.randperm(len(images), generator=generator).split(BATCH):
+            loss = module.training_step(_Batch(images[index]))["loss"]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    module.model.eval()
+
+
 ADAPTERS: dict[str, tuple[Callable[[Any, int], Any], Callable[[Any, list], None]]] = {
     "padim": (_padim, _fit_embedding_model),
     "patchcore": (_patchcore, _fit_embedding_model),
+    "dfkde": (_dfkde, _fit_embedding_model),
+    "dfm": (_dfm, _fit_embedding_model),
+    "fastflow": (_fastflow, _fit_lightning),
+    "stfpm": (_stfpm, _fit_lightning),
+    "fre": (_fre, _fit_lightning),
+}
+# The same budget on both sides (our config; Anomalib's side reads the epoch count from it).
+BUDGET: dict[str, dict[str, Any]] = {"stfpm": {"epochs": 20}, "fre": {"epochs": 100}, "fastflow": {"epochs": 10}}
+# Rows that cannot be compared on this machine, with the reason (never a silent gap).
+NOT_COMPARABLE: dict[str, str] = {
+    "dinomaly": "not comparable offline: both sides need DINOv2 ViT-S/14 weights (hub download); a random "
+                "encoder would compare two untrained networks",
+    "winclip": "not comparable offline: both sides need OpenCLIP ViT-B-16-plus-240 laion400m weights (hub "
+               "download)",
+    "vlm_ad": "not comparable offline: both sides call a hosted vision-language model (API and key)",
+}
+# Image-level models on both sides: no pixel metrics.
+IMAGE_LEVEL = frozenset({"dfkde"})
+# Deviations forced on Anomalib's side, printed in its row.
+SUBSTITUTES: dict[str, str] = {
+    "fastflow": "backbone substituted: Anomalib's FastFlow takes only resnet18/wide_resnet50_2/CaiT/DeiT, so its "
+                "CNN branch is built around tf_efficientnet_lite0 levels 1-3 (same weights as ours)",
+    "dfkde": "image-level model on both sides (Anomalib returns no anomaly map)",
 }
 
 
@@ -131,7 +297,7 @@ def run_cell(model_name: str, side: str, args: argparse.Namespace) -> dict:
     test = load_images(data, test_samples, args.image_size)
     labels = np.array([s.is_anomalous for s in test_samples])
     masks = np.stack([resize_mask(data.load_mask(s), args.image_size) for s in test_samples])
-    ours = detect.create(model_name, image_size=args.image_size, seed=0)
+    ours = detect.create(model_name, image_size=args.image_size, seed=0, **BUDGET.get(model_name, {}))
     cell: dict[str, Any] = {"model": model_name, "side": side, "train": len(train_samples),
                             "test": len(test_samples), "image_size": args.image_size}
     if side == "ours":
@@ -148,26 +314,29 @@ def run_cell(model_name: str, side: str, args: argparse.Namespace) -> dict:
     else:
         build, fit = ADAPTERS[model_name]
         model = build(ours, args.image_size)
-        mean, std = ours.model.extractor.mean, ours.model.extractor.std
+        net = model.model if hasattr(model, "training_step") else model  # a Lightning module's torch model
+        mean, std = _our_extractor(ours).mean, _our_extractor(ours).std
         start = time.perf_counter()
         fit(model, [(b - mean) / std for b in train.split(BATCH)])
         cell["fit_s"] = time.perf_counter() - start
 
         @torch.no_grad()
-        def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
             out_scores, out_maps = [], []
             for batch in images.split(BATCH):
-                out = model((batch - mean) / std)
+                out = net((batch - mean) / std)
                 out_scores.append(out.pred_score.reshape(-1).numpy())
-                out_maps.append(out.anomaly_map.reshape(len(batch), *batch.shape[-2:]).numpy())
-            return np.concatenate(out_scores), np.concatenate(out_maps)
+                if out.anomaly_map is not None:  # DFKDE is image-level
+                    out_maps.append(out.anomaly_map.reshape(len(batch), *batch.shape[-2:]).numpy())
+            return np.concatenate(out_scores), np.concatenate(out_maps) if out_maps else None
 
         predict(test[:BATCH])  # warm-up
         start = time.perf_counter()
         scores, maps = predict(test)
         cell["predict_ips"] = len(test) / (time.perf_counter() - start)
-    cell.update(image_auroc=auroc(scores, labels), pixel_auroc=auroc(maps, masks),
-                aupro=aupro(maps, masks),
+    image_level = model_name in IMAGE_LEVEL or maps is None
+    cell.update(image_auroc=auroc(scores, labels), pixel_auroc=None if image_level else auroc(maps, masks),
+                aupro=None if image_level else aupro(maps, masks),
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return cell
 
@@ -188,13 +357,17 @@ def markdown(cells: dict[tuple[str, str], dict], args: argparse.Namespace) -> st
              "ours - Anomalib, image / pixel AUROC points |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         ours, theirs = cells.get((name, "ours")), cells.get((name, "anomalib"))
+        if name in NOT_COMPARABLE:
+            lines.append(f"| {name} | | {NOT_COMPARABLE[name]} | | | | | | | |")
+            continue
         if name not in ADAPTERS:
             lines.append(f"| {name} | | not compared yet: no Anomalib adapter in this script | | | | | | | |")
             continue
         diff = ""
         if ours and theirs and "error" not in ours and "error" not in theirs:
-            diff = (f"{100 * (ours['image_auroc'] - theirs['image_auroc']):+.1f} / "
-                    f"{100 * (ours['pixel_auroc'] - theirs['pixel_auroc']):+.1f}")
+            pixel = ("n/a" if ours["pixel_auroc"] is None or theirs["pixel_auroc"] is None
+                     else f"{100 * (ours['pixel_auroc'] - theirs['pixel_auroc']):+.1f}")
+            diff = f"{100 * (ours['image_auroc'] - theirs['image_auroc']):+.1f} / {pixel}"
         for side, cell in (("ours", ours), ("anomalib", theirs)):
             if cell is None:
                 lines.append(f"| {name} | {side} | not run yet | | | | | | | |")
@@ -204,7 +377,8 @@ def markdown(cells: dict[tuple[str, str], dict], args: argparse.Namespace) -> st
                 lines.append(f"| {name} | {side} | {fmt(cell['image_auroc'])} | {fmt(cell['pixel_auroc'])} | "
                              f"{fmt(cell['aupro'])} | {fmt(cell['fit_s'], 1)} | {fmt(cell['predict_ips'], 1)} | "
                              f"{fmt(cell['peak_rss_mb'], 0)} | {cell['load']['load_average_max']:.2f}"
-                             f"{'' if cell['load']['quiet'] else ' LOADED'} | {diff if side == 'ours' else ''} |")
+                             f"{'' if cell['load']['quiet'] else ' LOADED'} | "
+                             f"{diff if side == 'ours' else SUBSTITUTES.get(name, '')} |")
     return "\n".join(lines) + "\n"
 
 
