@@ -34,6 +34,7 @@ import resource
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -226,30 +227,178 @@ def _our_extractor(ours: Any) -> Any:
     raise AttributeError(f"{type(ours.model).__name__} has no backbone feature extractor")
 
 
+def _cfa(ours: Any, size: int) -> Any:
+    import timm
+    import torch
+    from anomalib.models.image.cfa import torch_model as cfa_model
+    from anomalib.models.image.cfa.lightning_model import Cfa
+
+    config = ours.config
+    names = cfa_model.get_return_nodes("resnet18")
+
+    class Levels(torch.nn.Module):
+        """Anomalib's CFA extractor contract ({return node: features}) around our backbone and levels."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = timm.create_model(config.backbone, pretrained=False, features_only=True,
+                                          out_indices=list(config.layers))
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return dict(zip(names, self.body(x), strict=True))
+
+    levels = Levels().eval()
+    # Anomalib's CFA takes only torchvision resnet18 / wide_resnet50_2 / vgg19_bn (ImageNet download): its own
+    # model, loss and descriptor around our backbone; the descriptor's 1x1 CoordConv sized to our channels.
+    original = cfa_model.get_feature_extractor
+    cfa_model.get_feature_extractor = lambda backbone, return_nodes: levels
+    try:
+        module = _lightning(Cfa, backbone="resnet18", gamma_c=config.gamma_c, gamma_d=config.gamma_d,
+                            num_nearest_neighbors=config.k_nearest,
+                            num_hard_negative_features=config.j_repulsion, radius=config.radius)
+    finally:
+        cfa_model.get_feature_extractor = original
+    dim = sum(levels.body.feature_info.channels())
+    module.model.descriptor.layer = cfa_model.CoordConv2d(in_channels=dim, out_channels=dim // config.gamma_d,
+                                                          kernel_size=1)
+    _load_and_check(ours.model.feature_extractor, levels.body, levels.body, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _cflow(ours: Any, size: int) -> Any:
+    from anomalib.models.image.cflow.lightning_model import Cflow
+
+    config = ours.config
+    module = _lightning(Cflow, backbone=config.backbone, layers=list(config.layers), pre_trained=False,
+                        fiber_batch_size=config.fiber_batch_size, condition_vector=config.condition_vector,
+                        coupling_blocks=config.coupling_blocks, clamp_alpha=config.clamp,
+                        permute_soft=config.permute_soft, lr=config.lr)
+    _timm_features_equal(ours.model.extractor, module.model.encoder, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _ganomaly(ours: Any, size: int) -> Any:
+    from anomalib.models.image.ganomaly.lightning_model import Ganomaly
+
+    config = ours.config
+    module = _lightning(Ganomaly, batch_size=BATCH, n_features=config.width, latent_vec_size=config.latent_dim,
+                        extra_layers=config.extra_layers, wadv=config.w_adv, wcon=config.w_con,
+                        wenc=config.w_enc, lr=config.lr, beta1=config.beta1, beta2=config.beta2,
+                        pre_processor=Ganomaly.configure_pre_processor(image_size=(size, size)))
+    module.epochs = config.epochs
+    return module
+
+
+def _draem(ours: Any, size: int) -> Any:
+    import tempfile
+
+    from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
+    from anomalib.models.image.draem.lightning_model import Draem
+
+    # Anomalib's DRAEM downloads DTD as its anomaly source when the folder is missing; ours defaults to no
+    # external source (anomaly_source=None). Both sides: Perlin masks without DTD textures.
+    module = _lightning(Draem, dtd_dir=tempfile.mkdtemp(prefix="no-dtd-"))
+    module.augmenter = PerlinAnomalyGenerator(anomaly_source_path=None, blend_factor=tuple(ours.config.beta_range))
+    module.epochs = ours.config.epochs
+    return module
+
+
+def _uflow(ours: Any, size: int) -> Any:
+    from anomalib.models.image.uflow import torch_model as uflow_model
+    from anomalib.models.image.uflow.feature_extraction import LayerNormFeatureExtractor
+    from anomalib.models.image.uflow.lightning_model import Uflow
+
+    config = ours.config
+
+    def lite0(backbone: str, input_size: tuple[int, int] = (256, 256)) -> Any:
+        # Anomalib's U-Flow takes only MS-CaiT / resnet18 / wide_resnet50_2: its CNN extractor (LayerNorm per
+        # level) around our backbone and levels.
+        with _timm_offline():
+            return LayerNormFeatureExtractor(config.backbone, input_size, layers=tuple(config.layers)).eval()
+
+    original = uflow_model.get_feature_extractor
+    uflow_model.get_feature_extractor = lite0
+    try:
+        module = _lightning(Uflow, backbone="resnet18", flow_steps=config.flow_steps, affine_clamp=config.clamp,
+                            affine_subnet_channels_ratio=config.hidden_ratio, permute_soft=config.permute_soft,
+                            pre_processor=Uflow.configure_pre_processor(image_size=(size, size)))
+    finally:
+        uflow_model.get_feature_extractor = original
+    body = module.model.feature_extractor.feature_extractor
+    _load_and_check(ours.model.feature_extractor, body, body, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _supersimplenet(ours: Any, size: int) -> Any:
+    from anomalib.models.image.supersimplenet.lightning_model import Supersimplenet
+
+    config = ours.config
+    with _timm_offline():
+        module = _lightning(Supersimplenet, backbone=config.backbone, layers=list(config.layers))
+    _timm_features_equal(ours.model.feature_extractor, module.model.feature_extractor.feature_extractor, size)
+    module.epochs = config.epochs
+    return module
+
+
+def _input_normalisation(ours: Any, name: str) -> tuple[Any, Any]:
+    """What both sides' networks see: our backbone's normalisation, or the range the from-scratch model uses."""
+    if name == "ganomaly":  # tanh generator: [-1, 1]
+        return 0.5, 0.5
+    if name == "draem":  # reconstructs raw [0, 1] images
+        return 0.0, 1.0
+    extractor = _our_extractor(ours)
+    return extractor.mean, extractor.std
+
+
 class _Batch:
     """What Anomalib's ``training_step`` reads of a batch."""
 
     def __init__(self, image: Any) -> None:
         self.image = image
+        self.gt_mask = None  # normal images only (SuperSimpleNet, UniNet read these)
+        self.gt_label = None
 
 
 def _fit_lightning(module: Any, batches: list) -> None:
-    """Trained models: Anomalib's own ``configure_optimizers`` and ``training_step``, our epoch count, batches
-    of ``BATCH`` reshuffled every epoch (a seeded generator), no gradient clipping (their trainer arguments)."""
+    """Trained models: Anomalib's own ``configure_optimizers`` and ``training_step`` (manual-optimisation modules
+    step their own optimizers), our epoch count and batch size, reshuffled every epoch (a seeded generator),
+    epoch-interval schedulers stepped once per epoch (Lightning's default), no gradient clipping (their trainer
+    arguments)."""
     import torch
 
-    optimizer = module.configure_optimizers()
-    if isinstance(optimizer, dict):
-        optimizer = optimizer["optimizer"]
+    # What configure_optimizers reads of a Trainer (SuperSimpleNet's milestones); no Trainer is attached.
+    module._trainer = types.SimpleNamespace(max_epochs=module.epochs, max_steps=-1)
+    configured = module.configure_optimizers()
+    if isinstance(configured, dict):
+        configured = configured["optimizer"]
+    if isinstance(configured, tuple) and len(configured) == 2 and isinstance(configured[1], list):
+        optimizers, schedulers = list(configured[0]), configured[1]
+    else:
+        optimizers = list(configured) if isinstance(configured, list | tuple) else [configured]
+        schedulers = []
+    manual = not module.automatic_optimization
+    # Without a Trainer: the hooks a training step calls, here.
+    module.log = module.log_dict = lambda *args, **kwargs: None
+    module.optimizers = lambda: optimizers[0] if len(optimizers) == 1 else optimizers
+    module.manual_backward = lambda loss, *args, **kwargs: loss.backward(*args, **kwargs)
     images = torch.cat(batches)
-    generator = torch.Generator().manual_seed(0)
+    if hasattr(module.model, "initialize_centroid"):  # CFA's on_train_start
+        module.model.initialize_centroid(data_loader=[_Batch(batch) for batch in batches])
+    generator = torch.Generator().manual_seed(module.seed)
     module.model.train()
     for _ in range(module.epochs):
-        for index in torch.randperm(len(images), generator=generator).split(BATCH):
-            loss = module.training_step(_Batch(images[index]))["loss"]
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for step, index in enumerate(torch.randperm(len(images), generator=generator).split(module.train_batch)):
+            out = module.training_step(_Batch(images[index]), step)
+            if not manual:
+                (optimizer,) = optimizers
+                optimizer.zero_grad()
+                out["loss"].backward()
+                optimizer.step()
+        for scheduler in schedulers:
+            scheduler.step()
     module.model.eval()
 
 
@@ -261,9 +410,18 @@ ADAPTERS: dict[str, tuple[Callable[[Any, int], Any], Callable[[Any, list], None]
     "fastflow": (_fastflow, _fit_lightning),
     "stfpm": (_stfpm, _fit_lightning),
     "fre": (_fre, _fit_lightning),
+    "cfa": (_cfa, _fit_lightning),
+    "cflow": (_cflow, _fit_lightning),
+    "ganomaly": (_ganomaly, _fit_lightning),
+    "draem": (_draem, _fit_lightning),
+    "uflow": (_uflow, _fit_lightning),
+    "supersimplenet": (_supersimplenet, _fit_lightning),
 }
 # The same budget on both sides (our config; Anomalib's side reads the epoch count from it).
-BUDGET: dict[str, dict[str, Any]] = {"stfpm": {"epochs": 20}, "fre": {"epochs": 100}, "fastflow": {"epochs": 10}}
+BUDGET: dict[str, dict[str, Any]] = {"stfpm": {"epochs": 20}, "fre": {"epochs": 100}, "fastflow": {"epochs": 10},
+                                     "cfa": {"epochs": 10}, "cflow": {"epochs": 10}, "ganomaly": {"epochs": 15},
+                                     "draem": {"epochs": 30}, "uflow": {"epochs": 10},
+                                     "supersimplenet": {"epochs": 20}}
 # Rows that cannot be compared on this machine, with the reason (never a silent gap).
 NOT_COMPARABLE: dict[str, str] = {
     "dinomaly": "not comparable offline: both sides need DINOv2 ViT-S/14 weights (hub download); a random "
@@ -272,6 +430,8 @@ NOT_COMPARABLE: dict[str, str] = {
                "download)",
     "vlm_ad": "not comparable offline: both sides call a hosted vision-language model (API and key)",
 }
+# Why a row is worse by more than 2 points (filled from measurements; see the README).
+EXPLAINED: dict[str, str] = {}
 # Image-level models on both sides: no pixel metrics.
 IMAGE_LEVEL = frozenset({"dfkde"})
 # Deviations forced on Anomalib's side, printed in its row.
@@ -279,65 +439,94 @@ SUBSTITUTES: dict[str, str] = {
     "fastflow": "backbone substituted: Anomalib's FastFlow takes only resnet18/wide_resnet50_2/CaiT/DeiT, so its "
                 "CNN branch is built around tf_efficientnet_lite0 levels 1-3 (same weights as ours)",
     "dfkde": "image-level model on both sides (Anomalib returns no anomaly map)",
+    "cfa": "backbone substituted: Anomalib's CFA takes only torchvision resnet18/wide_resnet50_2/vgg19_bn, so its "
+           "model, loss and descriptor run on tf_efficientnet_lite0 levels 1-3 (descriptor sized to 176 channels)",
+    "uflow": "backbone substituted: Anomalib's U-Flow takes only MS-CaiT/resnet18/wide_resnet50_2, so its "
+             "LayerNorm CNN extractor runs on tf_efficientnet_lite0 levels 1-3 (same weights as ours)",
+    "ganomaly": "image-level on Anomalib's side (no anomaly map)",
+    "draem": "no DTD texture source on either side (Anomalib would download it): Perlin anomalies from the "
+             "image itself",
 }
 
 
 # ----- one cell ------------------------------------------------------------------------------------------------
 
-def run_cell(model_name: str, side: str, args: argparse.Namespace) -> dict:
+def run_seed(model_name: str, side: str, seed: int, train: Any, test: Any, size: int) -> dict[str, Any]:
+    """Fit and predict one model on one side with one seed: scores, maps, fit s, predict img/s."""
     import torch
 
     import detect
-    from detect.data import resize_mask
-    from detect.metrics import aupro, auroc
 
-    torch.manual_seed(0)
-    data, train_samples, test_samples = select_samples(args.data, args.train, args.good, args.defect)
-    train = load_images(data, train_samples, args.image_size)
-    test = load_images(data, test_samples, args.image_size)
-    labels = np.array([s.is_anomalous for s in test_samples])
-    masks = np.stack([resize_mask(data.load_mask(s), args.image_size) for s in test_samples])
-    ours = detect.create(model_name, image_size=args.image_size, seed=0, **BUDGET.get(model_name, {}))
-    cell: dict[str, Any] = {"model": model_name, "side": side, "train": len(train_samples),
-                            "test": len(test_samples), "image_size": args.image_size}
+    torch.manual_seed(seed)
+    ours = detect.create(model_name, image_size=size, seed=seed, **BUDGET.get(model_name, {}))
     if side == "ours":
         arrays = list((train.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         test_arrays = list((test.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8))
         start = time.perf_counter()
         ours.fit(arrays, calibrate=False, progress=False)
-        cell["fit_s"] = time.perf_counter() - start
+        fit_s = time.perf_counter() - start
         ours.predict(test_arrays[:BATCH])  # warm-up
         start = time.perf_counter()
         prediction = ours.predict(test_arrays, batch_size=BATCH)
-        cell["predict_ips"] = len(test_arrays) / (time.perf_counter() - start)
-        scores, maps = prediction.scores, prediction.anomaly_maps
-    else:
-        build, fit = ADAPTERS[model_name]
-        model = build(ours, args.image_size)
-        net = model.model if hasattr(model, "training_step") else model  # a Lightning module's torch model
-        mean, std = _our_extractor(ours).mean, _our_extractor(ours).std
-        start = time.perf_counter()
-        fit(model, [(b - mean) / std for b in train.split(BATCH)])
-        cell["fit_s"] = time.perf_counter() - start
+        predict_ips = len(test_arrays) / (time.perf_counter() - start)
+        return {"scores": prediction.scores, "maps": prediction.anomaly_maps, "fit_s": fit_s,
+                "predict_ips": predict_ips}
+    build, fit = ADAPTERS[model_name]
+    torch.manual_seed(seed)  # Anomalib's random initialisations and sampling draw from the global generator
+    model = build(ours, size)
+    if hasattr(model, "training_step"):  # a trained model: our batch size and seed, as our side trains with
+        model.train_batch = ours.config.batch_size
+        model.seed = seed
+    net = model.model if hasattr(model, "training_step") else model  # a Lightning module's torch model
+    mean, std = _input_normalisation(ours, model_name)
+    start = time.perf_counter()
+    fit(model, [(b - mean) / std for b in train.split(BATCH)])
+    fit_s = time.perf_counter() - start
 
-        @torch.no_grad()
-        def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
-            out_scores, out_maps = [], []
-            for batch in images.split(BATCH):
-                out = net((batch - mean) / std)
-                out_scores.append(out.pred_score.reshape(-1).numpy())
-                if out.anomaly_map is not None:  # DFKDE is image-level
-                    out_maps.append(out.anomaly_map.reshape(len(batch), *batch.shape[-2:]).numpy())
-            return np.concatenate(out_scores), np.concatenate(out_maps) if out_maps else None
+    @torch.no_grad()
+    def predict(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        out_scores, out_maps = [], []
+        for batch in images.split(BATCH):
+            out = net((batch - mean) / std)
+            out_scores.append(out.pred_score.reshape(-1).numpy())
+            if out.anomaly_map is not None:  # DFKDE and GANomaly are image-level
+                out_maps.append(out.anomaly_map.reshape(len(batch), *batch.shape[-2:]).numpy())
+        return np.concatenate(out_scores), np.concatenate(out_maps) if out_maps else None
 
-        predict(test[:BATCH])  # warm-up
-        start = time.perf_counter()
-        scores, maps = predict(test)
-        cell["predict_ips"] = len(test) / (time.perf_counter() - start)
-    image_level = model_name in IMAGE_LEVEL or maps is None
-    cell.update(image_auroc=auroc(scores, labels), pixel_auroc=None if image_level else auroc(maps, masks),
-                aupro=None if image_level else aupro(maps, masks),
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    predict(test[:BATCH])  # warm-up
+    start = time.perf_counter()
+    scores, maps = predict(test)
+    return {"scores": scores, "maps": maps, "fit_s": fit_s, "predict_ips": len(test) / (time.perf_counter() - start)}
+
+
+def run_cell(model_name: str, side: str, args: argparse.Namespace) -> dict:
+    """One (model, side): every seed in this process; metrics per seed, mean +- std, median timings."""
+    from detect.data import resize_mask
+    from detect.metrics import aupro, auroc
+
+    data, train_samples, test_samples = select_samples(args.data, args.train, args.good, args.defect)
+    train = load_images(data, train_samples, args.image_size)
+    test = load_images(data, test_samples, args.image_size)
+    labels = np.array([s.is_anomalous for s in test_samples])
+    masks = np.stack([resize_mask(data.load_mask(s), args.image_size) for s in test_samples])
+    cell: dict[str, Any] = {"model": model_name, "side": side, "train": len(train_samples),
+                            "test": len(test_samples), "image_size": args.image_size, "seeds": args.seeds,
+                            "budget": BUDGET.get(model_name, {}), "per_seed": []}
+    for seed in range(args.seeds):
+        out = run_seed(model_name, side, seed, train, test, args.image_size)
+        maps = None if model_name in IMAGE_LEVEL else out["maps"]
+        cell["per_seed"].append({
+            "seed": seed, "image_auroc": auroc(out["scores"], labels),
+            "pixel_auroc": None if maps is None else auroc(maps, masks),
+            "aupro": None if maps is None else aupro(maps, masks),
+            "fit_s": out["fit_s"], "predict_ips": out["predict_ips"]})
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        values = [row[key] for row in cell["per_seed"] if row[key] is not None]
+        cell[key] = float(np.mean(values)) if values else None
+        cell[f"{key}_std"] = float(np.std(values)) if values else None
+    for key in ("fit_s", "predict_ips"):
+        cell[key] = float(np.median([row[key] for row in cell["per_seed"]]))
+    cell["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return cell
 
 
@@ -347,14 +536,42 @@ def fmt(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def fmt_std(cell: dict, key: str) -> str:
+    """mean +- std over the seeds ("" when the side has no such metric)."""
+    if cell.get(key) is None:
+        return ""
+    std = cell.get(f"{key}_std")
+    return fmt(cell[key]) if not std else f"{cell[key]:.3f} ± {std:.3f}"
+
+
+def verdict(ours: dict, theirs: dict) -> str:
+    """Ours - Anomalib in AUROC points (image / pixel), and whether ours is within 2 points or better."""
+    parts, worse = [], []
+    for key, label in (("image_auroc", "image"), ("pixel_auroc", "pixel")):
+        if ours.get(key) is None or theirs.get(key) is None:
+            parts.append("n/a")
+            continue
+        diff = 100 * (ours[key] - theirs[key])
+        parts.append(f"{diff:+.1f}")
+        # Worse by more than 2 points, beyond the two sides' seed spread together, needs an explanation.
+        spread = 100 * ((ours.get(f"{key}_std") or 0.0) ** 2 + (theirs.get(f"{key}_std") or 0.0) ** 2) ** 0.5
+        if diff < -2 and diff < -spread:
+            worse.append(label)
+    return " / ".join(parts) + (f" — worse ({', '.join(worse)})" if worse else "")
+
+
 def markdown(cells: dict[tuple[str, str], dict], args: argparse.Namespace) -> str:
     lines = ["# Ours vs Anomalib, same images, size, weights and budget (`scripts/bench_vs_anomalib.py`)", "",
              f"Data: {args.data} — first {args.train} train/good, {args.good} good + {args.defect} defect test "
              f"images; {args.image_size} px; tf_efficientnet_lite0 with the same ImageNet weights on both sides "
-             "(features checked equal); our models with `calibrate=False` (all training images, no threshold).",
-             "Each cell is its own process; `load` is the quiet-machine status of that cell.", "",
+             "(features checked equal); our models with `calibrate=False` (all training images, no threshold). "
+             f"Metrics: mean ± std over {args.seeds} seeds (0..{args.seeds - 1}, the same on both sides); fit s and "
+             "predict img/s: median over the seeds. Trained models: the same epochs and batch size on both sides "
+             "(`budget`).",
+             "Each cell is its own process; `load` is the largest 1-minute load average during that cell and "
+             "LOADED marks a cell that broke the quiet rule (`scripts/quiet_run.py`).", "",
              "| model | side | image AUROC | pixel AUROC | AUPRO | fit s | predict img/s | peak RSS MB | load | "
-             "ours - Anomalib, image / pixel AUROC points |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "ours - Anomalib, image / pixel AUROC points; notes |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         ours, theirs = cells.get((name, "ours")), cells.get((name, "anomalib"))
         if name in NOT_COMPARABLE:
@@ -365,21 +582,33 @@ def markdown(cells: dict[tuple[str, str], dict], args: argparse.Namespace) -> st
             continue
         diff = ""
         if ours and theirs and "error" not in ours and "error" not in theirs:
-            pixel = ("n/a" if ours["pixel_auroc"] is None or theirs["pixel_auroc"] is None
-                     else f"{100 * (ours['pixel_auroc'] - theirs['pixel_auroc']):+.1f}")
-            diff = f"{100 * (ours['image_auroc'] - theirs['image_auroc']):+.1f} / {pixel}"
+            diff = verdict(ours, theirs)
+        notes = "; ".join(note for note in (SUBSTITUTES.get(name), EXPLAINED.get(name)) if note)
+        budget = ", ".join(f"{k} {v}" for k, v in BUDGET.get(name, {}).items())
         for side, cell in (("ours", ours), ("anomalib", theirs)):
             if cell is None:
                 lines.append(f"| {name} | {side} | not run yet | | | | | | | |")
             elif "error" in cell:
                 lines.append(f"| {name} | {side} | failed: {cell['error']} | | | | | | | |")
             else:
-                lines.append(f"| {name} | {side} | {fmt(cell['image_auroc'])} | {fmt(cell['pixel_auroc'])} | "
-                             f"{fmt(cell['aupro'])} | {fmt(cell['fit_s'], 1)} | {fmt(cell['predict_ips'], 1)} | "
+                extra = diff if side == "ours" else "; ".join(x for x in (f"budget: {budget}" if budget else "",
+                                                                          notes) if x)
+                lines.append(f"| {name} | {side} | {fmt_std(cell, 'image_auroc')} | {fmt_std(cell, 'pixel_auroc')} | "
+                             f"{fmt_std(cell, 'aupro')} | {fmt(cell['fit_s'], 1)} | {fmt(cell['predict_ips'], 1)} | "
                              f"{fmt(cell['peak_rss_mb'], 0)} | {cell['load']['load_average_max']:.2f}"
-                             f"{'' if cell['load']['quiet'] else ' LOADED'} | "
-                             f"{diff if side == 'ours' else SUBSTITUTES.get(name, '')} |")
+                             f"{'' if cell['load']['quiet'] else ' LOADED'} | {extra} |")
     return "\n".join(lines) + "\n"
+
+
+def _finished(path: Path, args: argparse.Namespace) -> bool:
+    """A cell is done when its file exists and was measured with this run's data, sizes, seeds and budget."""
+    if not path.is_file():
+        return False
+    cell = json.loads(path.read_text(encoding="utf-8"))
+    if "error" in cell:
+        return True  # the row shows the error; delete the file to retry
+    return (cell.get("seeds"), cell.get("train"), cell.get("test"), cell.get("image_size"), cell.get("budget")) == (
+        args.seeds, args.train, args.good + args.defect, args.image_size, BUDGET.get(cell["model"], {}))
 
 
 def main() -> None:
@@ -390,6 +619,7 @@ def main() -> None:
     parser.add_argument("--good", type=int, default=25)
     parser.add_argument("--defect", type=int, default=25)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per cell, the same on both sides")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--cell", nargs=2, metavar=("MODEL", "SIDE"), help=argparse.SUPPRESS)  # one cell, here
     args = parser.parse_args()
@@ -407,11 +637,12 @@ def main() -> None:
     for name in args.models:
         for side in ("ours", "anomalib") if name in ADAPTERS else ():
             path = cells_dir / f"{name}__{side}.json"
-            if not path.is_file():
+            if not _finished(path, args):
                 print(f"{name} / {side} ...", flush=True)
                 command = [sys.executable, __file__, "--cell", name, side, "--data", str(args.data),
                            "--train", str(args.train), "--good", str(args.good), "--defect", str(args.defect),
-                           "--image-size", str(args.image_size), "--out", str(args.out)]
+                           "--image-size", str(args.image_size), "--seeds", str(args.seeds),
+                           "--out", str(args.out)]
                 subprocess.run(command, check=True, cwd=REPO)
             cells[(name, side)] = json.loads(path.read_text(encoding="utf-8"))
             write_text(args.out.with_suffix(".md"), markdown(cells, args))
