@@ -34,8 +34,6 @@ Workdir layout (a rerun reuses every finished unit; a changed setting recomputes
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
@@ -56,6 +54,7 @@ from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, rea
 from synth.errors import InputError
 from synth.generate import generate, make_preview, sample_seed
 from synth.io import copy_file, list_images, read_image, read_json_if_exists, write_image, write_json
+from synth.io import stable_hash as io_stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +148,8 @@ def split_classes(dataset: DefectSet, classes: list[str], fraction: float,
 
 
 def stable_hash(obj: Any) -> str:
-    """16 hex digits of the sha256 of ``obj`` as sorted JSON: a cache key that does not move between runs."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """16 hex digits of :func:`synth.io.stable_hash`: this pipeline's cache keys (unchanged across versions)."""
+    return io_stable_hash(obj, digits=16)
 
 
 def prepare_dir(folder: Path, key: str) -> None:

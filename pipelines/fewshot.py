@@ -67,8 +67,6 @@ files with their sizes, the synthetic set's files), so a changed setting recompu
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -90,7 +88,7 @@ from synth.config import GENERATE_METHODS, GenerateConfig, StrictModel, validate
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import InputError
 from synth.generate import generate
-from synth.io import copy_file, list_images, read_json_if_exists, write_json
+from synth.io import copy_file, list_images, read_json_if_exists, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -246,10 +244,6 @@ def shot_order(n_train: int, seed: int) -> list[int]:
     return [int(i) for i in np.random.default_rng(seed).permutation(n_train)]
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _files(paths: list[Path], root: Path) -> list[list[Any]]:
     """(path relative to ``root``, size) of each file: what a cache key needs to notice replaced data."""
     out = []
@@ -330,7 +324,7 @@ def _generate_set(cfg: FewShotConfig, normal: Path, out_root: Path, seed: int, p
                 "defects": cfg.defects, "blend": cfg.synthetic_blend, "method_params": cfg.synthetic_params,
                 "copy_normals": False}
     normals = sorted(list_images(normal))
-    digest = _hash({"settings": settings, "normal": _files(normals, normal)})
+    digest = stable_hash({"settings": settings, "normal": _files(normals, normal)})
     out = out_root / f"{cfg.synthetic_method}-{digest[:12]}"
     gen_cfg = validate_config(GenerateConfig, {**settings, "normal": normal, "out": out},
                               source="few-shot synthetic set")
@@ -359,7 +353,7 @@ def _read_synthetic(root: Path, cfg: FewShotConfig) -> _Synthetic:
     counts: dict[str, int] = {}
     for sample in anomalies:
         counts[sample.defect_class] = counts.get(sample.defect_class, 0) + 1
-    fingerprint = _hash({"files": _files(paths, root), "calibration": cal_ids})
+    fingerprint = stable_hash({"files": _files(paths, root), "calibration": cal_ids})
     return _Synthetic(root.resolve(), [paths[i] for i in cal_ids], train, fingerprint, counts)
 
 
@@ -573,7 +567,7 @@ def run_fewshot(cfg: FewShotConfig, workdir: Path, *, progress: bool = True) -> 
             synthetic = source.get(unit.repeat, unit.k, shots) if needs_synthetic else None
             keys = {}
             for mode in unit.modes:
-                keys[mode] = _hash({
+                keys[mode] = stable_hash({
                     "version": CACHE_VERSION, "model": unit.model, "mode": mode, "k": unit.k, "repeat": unit.repeat,
                     "options": cfg.model_options.get(unit.model, {}), "image_size": cfg.image_size,
                     "seed": cfg.seed + unit.repeat, "shots": _files(shots, data.root), "test": data.test_files,

@@ -30,7 +30,6 @@ Seeds: each stage gets ``derive_seed(seed, stage)`` unless its section sets ``se
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -47,7 +46,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from synth.config import StrictModel, format_validation_error, read_yaml, validate_config
 from synth.errors import ConfigError, InputError
-from synth.io import read_json_if_exists, write_json
+from synth.io import read_json_if_exists, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -299,10 +298,6 @@ def folder_fingerprint(path: Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 @dataclass
 class StagePlan:
     """One enabled stage: what its hash covers, the stages it depends on, and where it runs."""
@@ -396,7 +391,7 @@ def plan_stages(loaded: LoadedConfig) -> list[StagePlan]:
         deps = {d: plans[d].hash for d in _dependencies(stage, loaded, enabled)}
         seed = loaded.seeds.get(stage, {}).get("seed")
         config = _stage_config(stage, loaded)
-        digest = _hash({"format": FORMAT, "stage": stage, "config": config, "seed": seed, "deps": deps})
+        digest = stable_hash({"format": FORMAT, "stage": stage, "config": config, "seed": seed, "deps": deps})
         plans[stage] = StagePlan(stage, index, config, deps, seed, digest,
                                  loaded.config.out / "stages" / f"{stage}-{digest[:12]}")
     return list(plans.values())

@@ -16,6 +16,7 @@ value is ``> 0`` for masks stored as 0/1 and ``>= 128`` otherwise
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +27,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from synth.errors import InputError
+
+
+def stable_hash(obj: object, digits: int = 64) -> str:
+    """The first ``digits`` hex digits of the sha256 of ``obj`` as sorted JSON (``str`` for what JSON cannot hold):
+    a cache key that does not move between runs or machines."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:digits]
+
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 8192 * 8192

@@ -94,3 +94,14 @@ def test_write_image_is_atomic_and_roundtrips(tmp_path):
     assert [p.name for p in (tmp_path / "a").iterdir()] == ["x.png"]  # no temporary file left behind
     with pytest.raises(InputError, match="uint8"):
         write_image(tmp_path / "f.png", image.astype(np.float32))
+
+
+def test_stable_hash_is_the_sha256_of_sorted_json() -> None:
+    import hashlib
+
+    from synth.io import stable_hash
+
+    expected = hashlib.sha256(b'{"a": [1, 2], "b": "x"}').hexdigest()  # the cache keys' format, unchanged
+    assert stable_hash({"b": "x", "a": [1, 2]}) == expected
+    assert stable_hash({"a": [1, 2], "b": "x"}, digits=16) == expected[:16]
+    assert stable_hash({"a": [2, 1], "b": "x"}) != expected
