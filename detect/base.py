@@ -17,7 +17,7 @@ import numbers
 import os
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -243,6 +243,22 @@ class ValidationData:
                               np.concatenate([p.views for p in parts]), parts[0].scheme)
 
 
+def _no_registry() -> list[str]:
+    return []
+
+
+# Names of the registered models that train on labeled anomalies (fit's error message lists them). The registry
+# installs its lister when it is imported (``set_model_lister``): it imports this module, so this one must not
+# import it back.
+_models_with_anomalies: Callable[[], list[str]] = _no_registry
+
+
+def set_model_lister(lister: Callable[[], list[str]]) -> None:
+    """Install the function that lists the registered models able to train on labeled anomalies."""
+    global _models_with_anomalies
+    _models_with_anomalies = lister
+
+
 class Detector:
     """Base class; subclasses set ``name``, ``paradigm``, ``Config`` and implement ``build_model``/``_fit``."""
 
@@ -307,9 +323,7 @@ class Detector:
         ignored), for callers that choose thresholds themselves.
         """
         if anomalies is not None and not self.supports_anomalies:
-            from detect.registry import get_model_class, list_models
-
-            able = [n for n in list_models() if get_model_class(n).supports_anomalies]
+            able = _models_with_anomalies()
             raise InputError(f"{self.name} trains on normal images only and cannot use anomalies=; models that "
                              f"train on labeled anomalies: {', '.join(able) or 'none registered'}.")
         resolved = resolve_anomalies(anomalies) if anomalies is not None else None

@@ -14,7 +14,7 @@ import pkgutil
 from pathlib import Path
 from typing import Any
 
-from detect.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Detector
+from detect.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Detector, set_model_lister
 from synth.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -106,3 +106,10 @@ def load(path: str | Path) -> Detector:
         detector.calibration = Calibration.from_dict(meta["calibration"])
     detector.fitted = True
     return detector
+
+
+def _models_with_anomalies() -> list[str]:
+    return [name for name in list_models() if get_model_class(name).supports_anomalies]
+
+
+set_model_lister(_models_with_anomalies)

@@ -765,3 +765,23 @@ def test_pipeline_rerun_with_bad_config_keeps_finished_results(paths, tmp_path, 
     after = tree_digest(out)
     assert {k: after[k] for k in before} == before
     assert not any("done.json" in k for k in set(after) - set(before))  # the failed stage is not marked done
+
+
+def test_anomalies_for_a_normal_only_model_name_the_models_that_take_them() -> None:
+    import ast
+
+    import detect
+    import detect.base
+    from synth.errors import InputError
+
+    detector = detect.create("padim", image_size=64)
+    with pytest.raises(InputError) as info:
+        detector.fit([np.zeros((64, 64, 3), np.uint8)] * 2, anomalies=[np.zeros((64, 64, 3), np.uint8)])
+    message = str(info.value)
+    assert "padim trains on normal images only" in message
+    for able in ("draem", "supersimplenet"):
+        assert able in message
+    # The list comes from the registry without base importing it back (no base <-> registry circle).
+    tree = ast.parse(open(detect.base.__file__, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "detect.registry" not in imported
