@@ -108,7 +108,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_backbone(args: argparse.Namespace) -> int:
     import torch
 
-    from detect.backbones import create_feature_extractor
+    from synth.backbones import create_feature_extractor
 
     if args.size < 32:  # smaller inputs vanish inside the stride-32 stages of the CNN backbones
         raise ConfigError(f"--size {args.size}: must be >= 32 (the default is 224).")

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from detect.backbones import DEFAULT_BACKBONE, create_backbone, create_feature_extractor, imagenet_normalization
+from synth.backbones import DEFAULT_BACKBONE, create_backbone, create_feature_extractor, imagenet_normalization
 from synth.errors import ConfigError, InputError
 from synth.io import ensure_rgb_uint8, read_image, read_mask
 

@@ -134,7 +134,7 @@ class Lite0Embedder(ImageEmbedder):
                  device: str | None = None, backbone: str = DEFAULT_LITE0):
         import torch
 
-        from detect.backbones import create_backbone, freeze, imagenet_normalization
+        from synth.backbones import create_backbone, freeze, imagenet_normalization
 
         self.device = _resolve_device(device)
         # num_classes=0: timm drops the classifier and returns the global-average-pooled features.

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
-from detect.backbones import (
+from synth.backbones import (
     bundled_weights_file,
     create_backbone,
     create_feature_extractor,

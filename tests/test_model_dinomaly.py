@@ -141,7 +141,7 @@ def distilled_tiny_vit(path, steps: int = 300, seed: int = 0) -> None:
     import skimage.data
     from safetensors.torch import save_file
 
-    from detect.backbones import create_feature_extractor
+    from synth.backbones import create_feature_extractor
 
     photos = []
     for name in ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field", "immunohistochemistry",

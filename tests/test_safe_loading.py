@@ -24,8 +24,8 @@ import pytest
 import torch
 
 import detect
-from detect.backbones import read_weights_file
 from detect.base import CONFIG_FILE, WEIGHTS_FILE
+from synth.backbones import read_weights_file
 from synth.config import read_yaml
 from synth.defect_set import MANIFEST_NAME, read_defect_set
 from synth.errors import ConfigError, InputError

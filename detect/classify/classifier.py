@@ -1,7 +1,7 @@
 """Defect-class classifier: ``fit`` on labeled defect sets, ``predict`` class probabilities, ``save``/``load``.
 
 Training recipe (one for every use: the CLI, the classification pipeline, the decision table): a timm backbone
-(``detect.backbones.create_backbone``: offline ImageNet weights for the default ``tf_efficientnet_lite0``) gets a
+(``synth.backbones.create_backbone``: offline ImageNet weights for the default ``tf_efficientnet_lite0``) gets a
 fresh head and is fine-tuned end to end with AdamW, cross-entropy and a cosine learning-rate decay for a fixed
 number of optimizer steps. Every training image is resized to ``image_size`` once (area interpolation when
 shrinking: images of any size and aspect ratio are accepted) and augmented on the fly (flips, 90-degree rotations,
@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm import tqdm
 
-from detect.backbones import create_backbone, imagenet_normalization
 from detect.base import save_module_weights
 from detect.classify.metrics import classification_metrics
 from detect.classify.torch_model import ClassifierModel
 from detect.data import ImageInput, load_rgb
+from synth.backbones import create_backbone, imagenet_normalization
 from synth.config import StrictModel, validate_config
 from synth.defect_set import GOOD, DefectSet, read_defect_set
 from synth.errors import InputError
