@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synth.clip_weights import cached_clip_checkpoint, quiet_random_init, resolve_clip_model_name
 from synth.errors import InputError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -112,46 +113,12 @@ class ClipFeatures:
 def resolve_clip_name(clip_model: str) -> str:
     """The open_clip model name: a built-in name, or a model-config JSON file registered under its stem."""
     require_open_clip()
-    import open_clip
-
-    if clip_model.lower().endswith(".json"):
-        path = Path(clip_model).expanduser()
-        if not path.is_file():
-            raise InputError(f"clip_model {clip_model!r}: open_clip model-config JSON file not found.")
-        open_clip.add_model_config(path)
-        return path.stem
-    if open_clip.get_model_config(clip_model) is None:
-        import difflib
-
-        close = difflib.get_close_matches(clip_model, open_clip.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise InputError(f"clip_model {clip_model!r} is not an open_clip model.{hint} Pass a name from "
-                         f"open_clip.list_models() (e.g. {DEFAULT_CLIP_MODEL}) or a model-config JSON file.")
-    return clip_model
+    return resolve_clip_model_name(clip_model, example=DEFAULT_CLIP_MODEL)
 
 
 def _cached_clip_file(tag_cfg: dict[str, Any]) -> str | None:
     """The local file of a pretrained tag when it is already in the Hugging Face / open_clip cache."""
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    hub = tag_cfg.get("hf_hub")
-    if hub:
-        from huggingface_hub import try_to_load_from_cache
-
-        # "org/repo/" means the default weights file, "org/repo/file.bin" that file.
-        repo, filename = os.path.split(hub)
-        filename = filename or HF_WEIGHTS_NAME
-        names = [HF_SAFE_WEIGHTS_NAME, filename] if filename == HF_WEIGHTS_NAME else [filename]
-        for name in names:
-            found = try_to_load_from_cache(repo, name)
-            if isinstance(found, str) and os.path.isfile(found):
-                return found
-        return None
-    url = tag_cfg.get("url")
-    if url:
-        target = Path("~/.cache/clip").expanduser() / os.path.basename(url)
-        return str(target) if target.is_file() else None
-    return None
+    return cached_clip_checkpoint(tag_cfg)
 
 
 def _download_blocker(tag_cfg: dict[str, Any]) -> str | None:
@@ -316,11 +283,8 @@ def load_clip_encoder(clip_model: str = DEFAULT_CLIP_MODEL, pretrained: str | No
     kwargs: dict[str, Any] = {}
     if tag_cfg.get("mean") and tag_cfg.get("std"):
         kwargs.update(image_mean=tuple(tag_cfg["mean"]), image_std=tuple(tag_cfg["std"]))
-    root = logging.getLogger()
-    quiet = _DropRandomInitWarning()
-    root.addFilter(quiet)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), quiet_random_init():
             torch.manual_seed(seed)
             model, _, _ = open_clip.create_model_and_transforms(
                 name, pretrained=weights, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **kwargs)
@@ -329,17 +293,8 @@ def load_clip_encoder(clip_model: str = DEFAULT_CLIP_MODEL, pretrained: str | No
             raise _clip_unavailable(name, str(pretrained), f"the download failed ({exc})") from None
         raise InputError(f"could not build open_clip model {name!r} from {weights or 'random weights'!r}: {exc}; "
                          f"pass a checkpoint that matches the model ({CLIP_CHECKPOINT_OPTION}).") from None
-    finally:
-        root.removeFilter(quiet)
     source = str(weights) if weights is not None else f"random(seed={seed})"
     return ClipEncoder(model, open_clip.get_tokenizer(name), name=name, source=source)
-
-
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns about random weights; expected with ``clip_pretrained: random`` (tests)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
 
 
 # --------------------------------------------------------------------------------------------------

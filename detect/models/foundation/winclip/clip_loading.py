@@ -19,9 +19,6 @@ import functools
 import json
 import logging
 import os
-import socket
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from synth.clip_weights import cached_clip_checkpoint, hub_route, quiet_random_init, resolve_clip_model_name
 from synth.errors import InputError
+from synth.hub import network_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -58,25 +57,9 @@ def is_random(pretrained: str | None) -> bool:
 
 
 def resolve_model_name(clip_model: str) -> str:
-    """The open_clip model name of ``clip_model`` (a JSON config file is registered under its stem)."""
-    import open_clip
-
-    if clip_model.lower().endswith(".json"):
-        path = Path(clip_model).expanduser()
-        if not path.is_file():
-            raise InputError(f"winclip: clip_model {clip_model!r} is not an existing open_clip model-config JSON file.")
-        open_clip.add_model_config(path)
-        return path.stem
-    if ":" in clip_model:  # open_clip schemas ("hf-hub:org/repo", "local-dir:/path") resolve themselves
-        return clip_model
-    if open_clip.get_model_config(clip_model) is None:
-        import difflib
-
-        close = difflib.get_close_matches(clip_model, open_clip.list_models(), n=3)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise InputError(f"winclip: unknown open_clip model {clip_model!r}.{hint} Pass an open_clip model name "
-                         f"(open_clip.list_models()) or the path of a model-config JSON file.")
-    return clip_model
+    """The open_clip model name of ``clip_model`` (a JSON config file is registered under its stem; open_clip
+    schemas such as "hf-hub:org/repo" resolve themselves)."""
+    return resolve_clip_model_name(clip_model, prefix="winclip: ", example="ViT-B-16-plus-240", allow_schema=True)
 
 
 def tag_config(name: str, pretrained: str | None) -> dict[str, Any] | None:
@@ -88,71 +71,26 @@ def tag_config(name: str, pretrained: str | None) -> dict[str, Any] | None:
     return get_pretrained_cfg(name, str(pretrained)) or None
 
 
-def _weight_file_names(filename: str) -> list[str]:
-    """open_clip tries a .safetensors twin of a hub weights file before the file itself."""
-    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-
-    if filename == HF_WEIGHTS_NAME:
-        return [HF_SAFE_WEIGHTS_NAME, filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
-
-
-def _hub_route(cfg: dict[str, Any]) -> tuple[str, str] | None:
-    """(model_id, filename) when open_clip would download ``cfg`` from the Hugging Face hub."""
-    from open_clip.constants import HF_WEIGHTS_NAME
-    from open_clip.pretrained import has_hf_hub
-
-    if cfg.get("hf_hub") and has_hf_hub():
-        model_id, filename = os.path.split(cfg["hf_hub"])
-        return model_id, filename or HF_WEIGHTS_NAME
-    return None
-
-
 def cached_checkpoint(cfg: dict[str, Any]) -> str | None:
     """The local file of a pretrained tag when it is already cached (never touches the network)."""
-    if cfg.get("file") and os.path.isfile(cfg["file"]):
-        return str(cfg["file"])
-    route = _hub_route(cfg)
-    if route is not None:
-        from huggingface_hub import try_to_load_from_cache
-
-        model_id, filename = route
-        for candidate in _weight_file_names(filename):
-            path = try_to_load_from_cache(model_id, candidate)
-            if isinstance(path, str) and os.path.isfile(path):
-                return path
-    elif cfg.get("url"):
-        target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
-        if target.is_file():
-            return str(target)
-    return None
+    return cached_clip_checkpoint(cfg)
 
 
 def offline_requested() -> bool:
-    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value."""
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value now. Read from the environment at each
+    call, unlike ``synth.hub.offline_requested``, which also trusts huggingface_hub's flag frozen at its import."""
     return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
                for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
 def hub_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """One TCP connection attempt to the download host (or the HTTPS proxy): seconds, not minutes of retries."""
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    target = urlparse(proxy if proxy else url)
-    host = target.hostname
-    if not host:
-        return False
-    port = target.port or (443 if target.scheme in ("https", "") else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """One connection attempt to the download host (or the proxy) within ``timeout``: seconds, not minutes of
+    huggingface_hub's retries."""
+    return network_reachable(url, timeout)[0]
 
 
 def _download_url(cfg: dict[str, Any]) -> str:
-    route = _hub_route(cfg)
+    route = hub_route(cfg)
     if route is not None:
         from huggingface_hub import constants
 
@@ -232,24 +170,6 @@ def check_hub_schema(name: str) -> None:
                          f"`--set pretrained=/path/open_clip_pytorch_model.bin`.")
 
 
-class _DropRandomInitWarning(logging.Filter):
-    """open_clip warns on the root logger about random weights; expected here (tests, detect.load)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "initialized randomly" not in record.getMessage()
-
-
-@contextmanager
-def _quiet_random_init() -> Iterator[None]:
-    root = logging.getLogger()
-    quiet = _DropRandomInitWarning()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)
-
-
 def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: bool = False) -> LoadedClip:
     """Build the CLIP model: weights from ``pretrained`` (see the module docstring), random ones seeded by ``seed``.
 
@@ -269,7 +189,7 @@ def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: 
     # Tags trained with QuickGELU need that activation; taking it from the (offline) tag table makes the
     # architecture identical whether the weights come from the hub, the cache or a saved detector.
     quick_gelu = bool(cfg and cfg.get("quick_gelu", False))
-    with torch.random.fork_rng(devices=[]), _quiet_random_init():
+    with torch.random.fork_rng(devices=[]), quiet_random_init():
         torch.manual_seed(seed)
         try:
             model = open_clip.create_model(name, pretrained=checkpoint, force_quick_gelu=quick_gelu,

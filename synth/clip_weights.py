@@ -1,0 +1,111 @@
+"""What every open_clip load in PixelVision shares (WinCLIP's CLIP, CSM guidance's encoder): the model name, the
+pretrained tag's local file, and quiet random initialisation, without ever touching the network.
+
+- :func:`resolve_clip_model_name`: an open_clip model name, or a model-config JSON file registered with open_clip
+  under its stem (tiny architectures for tests); optionally open_clip's ``hf-hub:`` / ``local-dir:`` schemas.
+- :func:`cached_clip_checkpoint`: the local file of a pretrained tag when it is already in the Hugging Face or
+  open_clip cache (an explicit ``file`` entry, the hub file or its ``.safetensors`` twin, the ``~/.cache/clip``
+  download of a URL tag).
+- :func:`quiet_random_init`: open_clip warns on the root logger when it builds random weights; expected for
+  tests and for saved models whose weights file replaces every tensor.
+
+Whether a download may be tried is :mod:`synth.hub`'s question (``offline_requested``, ``network_reachable``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from synth.errors import InputError
+
+CLIP_CACHE_DIR = Path("~/.cache/clip")
+
+
+def resolve_clip_model_name(clip_model: str, *, prefix: str = "", example: str = "ViT-B-16",
+                            allow_schema: bool = False) -> str:
+    """The open_clip model name of ``clip_model``; ``prefix`` starts every error message (e.g. "winclip: ")."""
+    import open_clip
+
+    if clip_model.lower().endswith(".json"):
+        path = Path(clip_model).expanduser()
+        if not path.is_file():
+            raise InputError(f"{prefix}clip_model {clip_model!r} is not an existing open_clip model-config JSON file "
+                             f"(file not found).")
+        open_clip.add_model_config(path)
+        return path.stem
+    if allow_schema and ":" in clip_model:  # "hf-hub:org/repo", "local-dir:/path": open_clip resolves them
+        return clip_model
+    if open_clip.get_model_config(clip_model) is None:
+        close = difflib.get_close_matches(clip_model, open_clip.list_models(), n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise InputError(f"{prefix}unknown open_clip model {clip_model!r}: it is not an open_clip model name nor a "
+                         f"model-config JSON file.{hint} Pass a name from open_clip.list_models() (e.g. {example}) "
+                         f"or the path of a model-config JSON file.")
+    return clip_model
+
+
+def _weight_file_names(filename: str) -> list[str]:
+    """open_clip tries a .safetensors twin of a hub weights file before the file itself."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def hub_route(tag_cfg: dict[str, Any]) -> tuple[str, str] | None:
+    """(repo id, file name) when open_clip would download the tag from the Hugging Face hub ("org/repo/" means the
+    default weights file)."""
+    from open_clip.constants import HF_WEIGHTS_NAME
+    from open_clip.pretrained import has_hf_hub
+
+    if tag_cfg.get("hf_hub") and has_hf_hub():
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        return repo, filename or HF_WEIGHTS_NAME
+    return None
+
+
+def cached_clip_checkpoint(tag_cfg: dict[str, Any]) -> str | None:
+    """The local file of a pretrained tag (open_clip's table entry) when it is already cached; never downloads."""
+    if tag_cfg.get("file") and os.path.isfile(tag_cfg["file"]):
+        return str(tag_cfg["file"])
+    route = hub_route(tag_cfg)
+    if route is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = route
+        for candidate in _weight_file_names(filename):
+            found = try_to_load_from_cache(repo, candidate)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+        return None
+    if tag_cfg.get("url"):
+        target = CLIP_CACHE_DIR.expanduser() / os.path.basename(tag_cfg["url"])
+        if target.is_file():
+            return str(target)
+    return None
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextmanager
+def quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "initialized randomly" warning while building a model here."""
+    root = logging.getLogger()
+    quiet = _DropRandomInitWarning()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
