@@ -142,3 +142,26 @@ def test_data_dependent_actnorm_initialisation_standardises_outputs():
     torch.testing.assert_close(z.std(0), torch.ones(6), atol=1e-3, rtol=0)
     x_back, _ = flow(z, cond, reverse=True)
     torch.testing.assert_close(x_back, x, atol=1e-4, rtol=1e-5)
+
+
+def test_frozen_features_cached_or_recomputed_give_the_same_rows() -> None:
+    import torch
+
+    from detect.models.components.training import FrozenFeatures
+
+    pixels = torch.rand(5, 3, 8, 8)
+    calls = []
+
+    def stages(x: torch.Tensor) -> list[torch.Tensor]:
+        calls.append(len(x))
+        return [x.mean(1, keepdim=True), x[:, :, ::2, ::2]]
+
+    cached = FrozenFeatures(stages, pixels, batch_size=2)
+    assert cached.cached and calls == [1, 2, 2, 1]  # the probe, then the batches in order
+    streamed = FrozenFeatures(stages, pixels, batch_size=2, budget=10)
+    assert not streamed.cached
+    index = torch.tensor([4, 0, 2])
+    for a, b in zip(cached(index), streamed(index), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    single = FrozenFeatures(lambda x: x.sum(1), pixels, batch_size=3)
+    torch.testing.assert_close(single(index), pixels[index].sum(1), rtol=0, atol=0)

@@ -13,6 +13,40 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+# Frozen features of the training images are cached when they take at most this much memory.
+FEATURE_CACHE_BYTES = 2 * 1024**3
+Features = torch.Tensor | list[torch.Tensor]
+
+
+class FrozenFeatures:
+    """A frozen network's features of rows of ``pixels``, computed once (in batches of ``batch_size``, in order)
+    and kept when all of them fit in ``budget`` bytes, else recomputed for every request.
+
+    ``compute`` maps an image batch to a tensor or to a list of tensors (one per stage); ``self(index)`` gives the
+    same for ``pixels[index]``. Trained heads on frozen backbones (flows, CFA, SuperSimpleNet) train on these.
+    """
+
+    def __init__(self, compute: Callable[[torch.Tensor], Features], pixels: torch.Tensor, batch_size: int,
+                 budget: int = FEATURE_CACHE_BYTES) -> None:
+        self.compute, self.pixels = compute, pixels
+        self.first = compute(pixels[:1])
+        parts = self.first if isinstance(self.first, list | tuple) else [self.first]
+        per_image = sum(part.numel() * part.element_size() for part in parts)
+        self.cache: Features | None = None
+        if len(pixels) * per_image <= budget:
+            chunks = [compute(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)]
+            self.cache = ([torch.cat(stage) for stage in zip(*chunks, strict=True)]
+                          if isinstance(self.first, list | tuple) else torch.cat(chunks))
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def __call__(self, index: torch.Tensor) -> Features:
+        if self.cache is None:
+            return self.compute(self.pixels[index])
+        return [stage[index] for stage in self.cache] if isinstance(self.cache, list) else self.cache[index]
+
 
 @dataclass
 class TrainingConfig:

@@ -25,11 +25,10 @@ from tqdm import tqdm
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
+from detect.models.components.training import FrozenFeatures
 from detect.models.feature_adaptation.cfa.torch_model import CfaModel
 from detect.registry import register
 from synth.errors import ConfigError, InputError
-
-FEATURE_CACHE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -135,13 +134,8 @@ class Cfa(Detector):
         pixels = self.load_tensor(images)
         n = pixels.shape[0]
         bs = cfg.batch_size
-        first = model.patch_features(pixels[:1])
-        _, channels, h, w = first.shape
-        cached = n * channels * h * w * first.element_size() <= FEATURE_CACHE_BYTES
-        cache = torch.cat([model.patch_features(pixels[i:i + bs]) for i in range(0, n, bs)]) if cached else None
-
-        def features(index: torch.Tensor) -> torch.Tensor:
-            return cache[index] if cache is not None else model.patch_features(pixels[index])
+        features = FrozenFeatures(model.patch_features, pixels, bs)
+        _, channels, h, w = features.first.shape
 
         # Memory bank: the descriptor is linear, so the mean of its outputs is its output of the mean features.
         with torch.no_grad():

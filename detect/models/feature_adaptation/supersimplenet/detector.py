@@ -3,7 +3,7 @@
 Training as in the paper (Rolih et al., ICPR 2024) and its reference code:
 
 - The frozen part (backbone, upscaling, 3x3 pooling) is computed once per image and cached (recomputed per
-  batch when the cache would exceed ``FEATURE_CACHE_BYTES``).
+  batch when the cache would exceed ``FEATURE_BANK_BYTES``).
 - Every step: adaptor -> batch duplicated -> Gaussian noise inside synth Perlin masks at feature resolution, each
   copy with probability 1/2 (``anomaly_generator.py``) -> heads -> truncated L1 + focal loss on the map, focal
   loss on the image logit (``losses.py``).
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput, resize_mask, to_tensor
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
-from detect.models.components.training import TrainingConfig, check_training_config, train_loop
+from detect.models.components.training import FEATURE_CACHE_BYTES, TrainingConfig, check_training_config, train_loop
 from detect.models.feature_adaptation.supersimplenet.anomaly_generator import add_feature_anomalies
 from detect.models.feature_adaptation.supersimplenet.losses import supersimplenet_loss
 from detect.models.feature_adaptation.supersimplenet.torch_model import (
@@ -58,7 +58,8 @@ from detect.models.feature_adaptation.supersimplenet.torch_model import (
 )
 from detect.registry import register
 
-FEATURE_CACHE_BYTES = 1024**3
+# The cached feature bank stays within half the shared budget (1 GiB, the limit this model has always used).
+FEATURE_BANK_BYTES = FEATURE_CACHE_BYTES // 2
 
 # Paper defaults per setting (unsupervised: MVTec AD; supervised: KSDD2 / SensumSODF).
 UNSUPERVISED = {"perlin_threshold": 0.2, "stop_grad": True, "clip_grad_norm": 0.0}
@@ -244,7 +245,7 @@ class SuperSimpleNet(Detector):
         bs = cfg.batch_size
         probe = model.features(all_pixels[:1])
         feature_size = tuple(probe.shape[-2:])
-        cache = probe.numel() * probe.element_size() * len(all_pixels) <= FEATURE_CACHE_BYTES
+        cache = probe.numel() * probe.element_size() * len(all_pixels) <= FEATURE_BANK_BYTES
         bank = (torch.cat([model.features(all_pixels[i:i + bs]) for i in range(0, len(all_pixels), bs)])
                 if cache else None)
         self.noise_std = cfg.noise_std if cfg.noise_std is not None else cfg.noise_scale * feature_scale(

@@ -22,14 +22,13 @@ import torch.nn.functional as F
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
-from detect.models.components.training import TrainingConfig, check_training_config, train_loop
+from detect.models.components.training import FEATURE_CACHE_BYTES, TrainingConfig, check_training_config, train_loop
 from detect.models.flow.cflow.torch_model import CflowModel
 from detect.registry import register
 from synth.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-FEATURE_CACHE_BYTES = 2 * 1024**3
 ACTNORM_INIT_FIBERS = 4096
 
 

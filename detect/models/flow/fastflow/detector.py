@@ -15,12 +15,10 @@ import torch
 from detect.base import Detector, DetectorConfig
 from detect.data import ImageInput
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
-from detect.models.components.training import TrainingConfig, check_training_config, train_loop
+from detect.models.components.training import FrozenFeatures, TrainingConfig, check_training_config, train_loop
 from detect.models.flow.fastflow.torch_model import FastflowModel
 from detect.registry import register
 from synth.errors import ConfigError
-
-FEATURE_CACHE_BYTES = 2 * 1024**3
 
 
 @dataclass
@@ -89,16 +87,10 @@ class Fastflow(Detector):
         model.eval()
         pixels = self.load_tensor(images)
         n, bs = pixels.shape[0], cfg.batch_size
-        first = model.backbone_features(pixels[:1])
-        per_image = sum(f.numel() * f.element_size() for f in first)
-        cache = None
-        if n * per_image <= FEATURE_CACHE_BYTES:
-            chunks = [model.backbone_features(pixels[i:i + bs]) for i in range(0, n, bs)]
-            cache = [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+        features = FrozenFeatures(model.backbone_features, pixels, bs)
 
         def step(index: torch.Tensor) -> torch.Tensor:
-            features = [f[index] for f in cache] if cache is not None else model.backbone_features(pixels[index])
-            return model.loss(*model.encode(features))
+            return model.loss(*model.encode(features(index)))
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)

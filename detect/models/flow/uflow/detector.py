@@ -21,13 +21,12 @@ import torch
 from detect.base import Detector, DetectorConfig, ValidationData
 from detect.data import ImageInput
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
-from detect.models.components.training import TrainingConfig, check_training_config, train_loop
+from detect.models.components.training import FrozenFeatures, TrainingConfig, check_training_config, train_loop
 from detect.models.flow.uflow.torch_model import UflowModel
 from detect.registry import register
 from detect.threshold import Calibration
 from synth.errors import ConfigError
 
-FEATURE_CACHE_BYTES = 2 * 1024**3
 NFA_PIXEL_THRESHOLD = 0.0  # -log10 NFA > 0  <=>  NFA < epsilon = 1
 
 
@@ -117,16 +116,10 @@ class Uflow(Detector):
         model.eval()
         pixels = self.load_tensor(images)
         n, bs = pixels.shape[0], cfg.batch_size
-        first = model.backbone_features(pixels[:1])
-        per_image = sum(f.numel() * f.element_size() for f in first)
-        cache = None
-        if n * per_image <= FEATURE_CACHE_BYTES:
-            chunks = [model.backbone_features(pixels[i:i + bs]) for i in range(0, n, bs)]
-            cache = [torch.cat(stage) for stage in zip(*chunks, strict=True)]
+        features = FrozenFeatures(model.backbone_features, pixels, bs)
 
         def step(index: torch.Tensor) -> torch.Tensor:
-            features = [f[index] for f in cache] if cache is not None else model.backbone_features(pixels[index])
-            return model.loss(*model.encode(features))
+            return model.loss(*model.encode(features(index)))
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
