@@ -40,6 +40,7 @@ import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 
@@ -97,11 +98,8 @@ def _timm_offline(substitute: dict[str, Callable[..., Any]] | None = None) -> It
             return substitute[name](*args, **kwargs)
         return original(name, *args, **kwargs)
 
-    timm.create_model = create_model
-    try:
+    with mock.patch.object(timm, "create_model", create_model):
         yield
-    finally:
-        timm.create_model = original
 
 
 def _lightning(cls: Any, **kwargs: Any) -> Any:
@@ -252,14 +250,10 @@ def _cfa(ours: Any, size: int) -> Any:
     levels = Levels().eval()
     # Anomalib's CFA takes only torchvision resnet18 / wide_resnet50_2 / vgg19_bn (ImageNet download): its own
     # model, loss and descriptor around our backbone; the descriptor's 1x1 CoordConv sized to our channels.
-    original = cfa_model.get_feature_extractor
-    cfa_model.get_feature_extractor = lambda backbone, return_nodes: levels
-    try:
+    with mock.patch.object(cfa_model, "get_feature_extractor", lambda backbone, return_nodes: levels):
         module = _lightning(Cfa, backbone="resnet18", gamma_c=config.gamma_c, gamma_d=config.gamma_d,
                             num_nearest_neighbors=config.k_nearest,
                             num_hard_negative_features=config.j_repulsion, radius=config.radius)
-    finally:
-        cfa_model.get_feature_extractor = original
     dim = sum(levels.body.feature_info.channels())
     module.model.descriptor.layer = cfa_model.CoordConv2d(in_channels=dim, out_channels=dim // config.gamma_d,
                                                           kernel_size=1)
@@ -349,15 +343,11 @@ def _uflow(ours: Any, size: int) -> Any:
         with _timm_offline():
             return LayerNormFeatureExtractor(config.backbone, input_size, layers=tuple(config.layers)).eval()
 
-    original = uflow_model.get_feature_extractor
-    uflow_model.get_feature_extractor = lite0
-    try:
+    with mock.patch.object(uflow_model, "get_feature_extractor", lite0):
         module = _lightning(Uflow, backbone="resnet18", flow_steps=config.flow_steps, affine_clamp=config.clamp,
                             affine_subnet_channels_ratio=config.hidden_ratio, permute_soft=config.permute_soft,
                             # Anomalib fixes U-Flow's input at 448 px; both sides here run at the bench size.
                             pre_processor=PreProcessor(transform=Resize((size, size), antialias=True)))
-    finally:
-        uflow_model.get_feature_extractor = original
     body = module.model.feature_extractor.feature_extractor
     _load_and_check(ours.model.feature_extractor, body, body, size)
     module.epochs = config.epochs
@@ -414,6 +404,8 @@ def _fit_lightning(module: Any, batches: list) -> None:
         optimizers = list(configured) if isinstance(configured, list | tuple) else [configured]
         schedulers = []
     manual = not module.automatic_optimization
+    if not manual:
+        (optimizer,) = optimizers
     # Without a Trainer: the hooks a training step calls, here.
     module.log = module.log_dict = lambda *args, **kwargs: None
     module.optimizers = lambda: optimizers[0] if len(optimizers) == 1 else optimizers
@@ -429,7 +421,6 @@ def _fit_lightning(module: Any, batches: list) -> None:
                 continue
             out = module.training_step(_Batch(images[index]), step)
             if not manual:
-                (optimizer,) = optimizers
                 optimizer.zero_grad()
                 out["loss"].backward()
                 optimizer.step()
@@ -438,20 +429,21 @@ def _fit_lightning(module: Any, batches: list) -> None:
     module.model.eval()
 
 
-ADAPTERS: dict[str, tuple[Callable[[Any, int], Any], Callable[[Any, list], None]]] = {
-    "padim": (_padim, _fit_embedding_model),
-    "patchcore": (_patchcore, _fit_embedding_model),
-    "dfkde": (_dfkde, _fit_embedding_model),
-    "dfm": (_dfm, _fit_embedding_model),
-    "fastflow": (_fastflow, _fit_lightning),
-    "stfpm": (_stfpm, _fit_lightning),
-    "fre": (_fre, _fit_lightning),
-    "cfa": (_cfa, _fit_lightning),
-    "cflow": (_cflow, _fit_lightning),
-    "ganomaly": (_ganomaly, _fit_lightning),
-    "draem": (_draem, _fit_lightning),
-    "uflow": (_uflow, _fit_lightning),
-    "supersimplenet": (_supersimplenet, _fit_lightning),
+# Anomalib side: model name -> builder (ours, size) -> its torch model (embedding models) or Lightning module.
+ADAPTERS: dict[str, Callable[[Any, int], Any]] = {
+    "padim": _padim,
+    "patchcore": _patchcore,
+    "dfkde": _dfkde,
+    "dfm": _dfm,
+    "fastflow": _fastflow,
+    "stfpm": _stfpm,
+    "fre": _fre,
+    "cfa": _cfa,
+    "cflow": _cflow,
+    "ganomaly": _ganomaly,
+    "draem": _draem,
+    "uflow": _uflow,
+    "supersimplenet": _supersimplenet,
 }
 # The same budget on both sides (our config; Anomalib's side reads the epoch count from it).
 BUDGET: dict[str, dict[str, Any]] = {"stfpm": {"epochs": 20}, "fre": {"epochs": 100}, "fastflow": {"epochs": 10},
@@ -483,7 +475,8 @@ EXPLAINED: dict[str, str] = {
     "dfm": "image AUROC -5.4 is a deviation by design, not a bug: Anomalib fits one PCA to whole flattened maps "
            "(one C*H*W vector per image, 50 vectors), which models where things lie on these aligned tiles; ours "
            "fits one PCA shared by every position (detect/models/memory/dfm/torch_model.py), which localises "
-           "(pixel AUROC +2.3). Not the image-score aggregation: the mean of our map gives 0.702, its max 0.696",
+           "(pixel AUROC +2.3). Not the image-score aggregation: the mean of our map gives 0.702, its max 0.696 "
+           "(an ad-hoc check, not in scripts/results)",
     "ganomaly": "near chance on both sides at 10 epochs on 50 images (0.53 / 0.49)",
     "draem": "near chance on both sides at 15 epochs on 50 images (image AUROC 0.57 / 0.52)",
     "supersimplenet": "Anomalib's side is near or below chance at 20 epochs on 50 images (image 0.49, pixel 0.40); "
@@ -533,13 +526,14 @@ def run_seed(model_name: str, side: str, seed: int, train: Any, test: Any, size:
         predict_ips = len(test_arrays) / (time.perf_counter() - start)
         return {"scores": prediction.scores, "maps": prediction.anomaly_maps, "fit_s": fit_s,
                 "predict_ips": predict_ips}
-    build, fit = ADAPTERS[model_name]
     torch.manual_seed(seed)  # Anomalib's random initialisations and sampling draw from the global generator
-    model = build(ours, size)
-    if hasattr(model, "training_step"):  # a trained model: our batch size and seed, as our side trains with
+    model = ADAPTERS[model_name](ours, size)
+    trained = hasattr(model, "training_step")  # a Lightning module (a trained model), else an embedding model
+    if trained:  # our batch size and seed, as our side trains with
         model.train_batch = ours.config.batch_size
         model.seed = seed
-    net = model.model if hasattr(model, "training_step") else model  # a Lightning module's torch model
+    net = model.model if trained else model
+    fit = _fit_lightning if trained else _fit_embedding_model
     mean, std = _input_normalisation(ours, model_name)
     start = time.perf_counter()
     fit(model, [(b - mean) / std for b in train.split(BATCH)])
