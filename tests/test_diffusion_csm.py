@@ -388,9 +388,9 @@ def test_fusion_heads_must_divide_the_clip_width(brick_set, tiny_inpaint_model, 
 def test_offline_clip_tag_fails_fast_with_one_clear_error(monkeypatch):
     from open_clip.pretrained import get_pretrained_cfg
 
-    from synth.diffusion.csm import _cached_clip_file
+    from synth.clip_weights import cached_clip_checkpoint
 
-    if _cached_clip_file(get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")) is not None:
+    if cached_clip_checkpoint(get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")) is not None:
         pytest.skip("the real ViT-B-16 weights are cached here; the offline error cannot occur")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()

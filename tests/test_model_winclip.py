@@ -31,6 +31,7 @@ from detect.models.foundation.winclip.torch_model import (
     window_cover,
     window_indices,
 )
+from synth.clip_weights import cached_clip_checkpoint
 from synth.errors import ConfigError, InputError
 
 SIZE = 64
@@ -281,7 +282,7 @@ def test_windows_larger_than_the_grid_are_a_config_error(base):
 
 def _skip_if_weights_cached():
     cfg = clip_loading.tag_config("ViT-B-16-plus-240", "laion400m_e31")
-    if cfg is None or clip_loading.cached_checkpoint(cfg) is not None:
+    if cfg is None or cached_clip_checkpoint(cfg) is not None:
         pytest.skip("the real ViT-B-16-plus-240 weights are cached here; the offline error cannot occur")
 
 

@@ -116,11 +116,6 @@ def resolve_clip_name(clip_model: str) -> str:
     return resolve_clip_model_name(clip_model, example=DEFAULT_CLIP_MODEL)
 
 
-def _cached_clip_file(tag_cfg: dict[str, Any]) -> str | None:
-    """The local file of a pretrained tag when it is already in the Hugging Face / open_clip cache."""
-    return cached_clip_checkpoint(tag_cfg)
-
-
 def _download_blocker(tag_cfg: dict[str, Any]) -> str | None:
     """Why the weights of a tag cannot be downloaded now (None: try)."""
     from synth.hub import hub_unavailable_reason, network_reachable, offline_requested
@@ -164,7 +159,7 @@ def resolve_clip_weights(name: str, pretrained: str | None, checkpoint: str | Pa
         tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
         raise InputError(f"clip_pretrained {tag!r} is not a pretrained tag of open_clip model {name!r} (known tags: "
                          f"{tags}); pass one of them, 'random', or a local file with {CLIP_CHECKPOINT_OPTION}.")
-    cached = _cached_clip_file(tag_cfg)
+    cached = cached_clip_checkpoint(tag_cfg)
     if cached is not None:
         return cached, tag_cfg
     blocker = _download_blocker(tag_cfg)

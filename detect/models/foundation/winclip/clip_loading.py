@@ -71,11 +71,6 @@ def tag_config(name: str, pretrained: str | None) -> dict[str, Any] | None:
     return get_pretrained_cfg(name, str(pretrained)) or None
 
 
-def cached_checkpoint(cfg: dict[str, Any]) -> str | None:
-    """The local file of a pretrained tag when it is already cached (never touches the network)."""
-    return cached_clip_checkpoint(cfg)
-
-
 def offline_requested() -> bool:
     """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value now. Read from the environment at each
     call, unlike ``synth.hub.offline_requested``, which also trusts huggingface_hub's flag frozen at its import."""
@@ -121,7 +116,7 @@ def resolve_checkpoint(name: str, pretrained: str) -> str:
         raise InputError(f"winclip: {pretrained!r} is neither a pretrained tag of {name!r} (known tags: "
                          f"{', '.join(tags) or 'none'}) nor an existing checkpoint file; pass one of the tags, a "
                          f"file path, or pretrained=random.")
-    cached = cached_checkpoint(cfg)
+    cached = cached_clip_checkpoint(cfg)
     if cached is not None:
         return cached
     if offline_requested():
