@@ -541,9 +541,9 @@ def add_views(data: ValidationData, count: int, *, seed: Any) -> ValidationData:
 
 def add_synthetic_anomalies(data: ValidationData, *, seed: Any) -> ValidationData:
     """Append one synthetic anomaly per validation normal (CutPaste and DRAEM alternately), from synth."""
-    from synth.augment import AUGMENTERS
+    from synth.generators import make_generator
 
-    makers = [AUGMENTERS["cutpaste"](), AUGMENTERS["draem"](p_anomaly=1.0)]
+    makers = [make_generator("cutpaste"), make_generator("draem")]  # draem built by name adds a defect (p 1)
     images: list[ImageInput] = list(data.images)
     labels = list(data.labels)
     masks = list(data.masks)

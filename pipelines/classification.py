@@ -40,7 +40,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -49,16 +49,17 @@ from tqdm import tqdm
 
 from detect.classify import ClassifierConfig, DefectClassifier, LabeledImages
 from detect.classify.metrics import classification_metrics
-from synth.config import GENERATE_METHODS, GenerateConfig, StrictModel, validate_config
+from synth.config import GenerateConfig, StrictModel, validate_config
 from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
 from synth.errors import InputError
 from synth.generate import generate, make_preview, sample_seed
+from synth.generators import check_generator_name
 from synth.io import copy_file, list_images, read_image, read_json_if_exists, write_image, write_json
 from synth.io import stable_hash as io_stable_hash
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "ClassificationConfig", "class_seed", "crop_paste_one", "generate_methods", "merge_class_sets",
+__all__ = ["BASELINES", "ClassificationConfig", "class_seed", "crop_paste_one", "merge_class_sets",
            "prepare_dir", "run_classification", "split_classes", "stable_hash", "write_exemplars"]
 
 BASELINES = ("real_only", "crop_paste")
@@ -67,11 +68,6 @@ BASELINES = ("real_only", "crop_paste")
 EXTRA_BASELINES = ("real_plus_synthetic",)
 KEY_FILE = "pipeline_key.json"
 SUMMARY_FILE = "classification.json"
-
-
-def generate_methods() -> tuple[str, ...]:
-    """Method names ``GenerateConfig`` accepts now (read from its type, so newly added methods count too)."""
-    return get_args(GenerateConfig.model_fields["method"].annotation) or GENERATE_METHODS
 
 
 class ClassificationConfig(StrictModel):
@@ -99,10 +95,7 @@ class ClassificationConfig(StrictModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        allowed = generate_methods()
-        if value not in allowed:
-            raise ValueError(f"unknown generate method; choose one of {list(allowed)}")
-        return value
+        return check_generator_name(value)
 
     @field_validator("baselines")
     @classmethod

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.decision import ARMS
-from pipelines.report import _esc, _figure_uri, _img, _note, _num, _overlay, _pyplot, _table
+from pipelines.report_html import esc, figure_uri, img, note, num, pyplot, table
+from synth.masks import overlay_mask
 
 __all__ = ["PLOTS", "decision_section"]
 
@@ -31,7 +32,7 @@ def _cell(row: dict[str, Any] | None, metric: str) -> str:
     if row is None or row.get(metric) is None:
         return "–"
     std = row.get(f"{metric}_std")
-    return f"{_num(row[metric])} ± {_num(std)}" if std is not None else _num(row[metric])
+    return f"{num(row[metric])} ± {num(std)}" if std is not None else num(row[metric])
 
 
 def _table_html(summary: dict[str, Any]) -> str:
@@ -62,17 +63,17 @@ def _table_html(summary: dict[str, Any]) -> str:
             if values:
                 top = max(v for v, _ in values)
                 bold |= {(r, c + 2) for v, r in values if v == top}
-    return _table(header, body, numeric_from=2, bold=bold)
+    return table(header, body, numeric_from=2, bold=bold)
 
 
 def _verdicts_html(summary: dict[str, Any]) -> str:
     items = []
     for v in summary.get("verdicts") or []:
-        line = f"{v['task']}, k = {v['k']}: best arm <b>{_esc(v['best_arm'])}</b> ({_num(v['best'])})"
+        line = f"{v['task']}, k = {v['k']}: best arm <b>{esc(v['best_arm'])}</b> ({num(v['best'])})"
         if "gain" in v:
             word = ("pays" if v["synthetic_pays"] else "loses" if v["synthetic_loses"] else
                     "makes no difference beyond the seed spread")
-            line += (f"; real + synthetic vs real: {v['gain']:+.3f} (seed spread {_num(v['spread'])}): synthetic "
+            line += (f"; real + synthetic vs real: {v['gain']:+.3f} (seed spread {num(v['spread'])}): synthetic "
                      f"data {word}")
         items.append(f"<li>{line}</li>")
     return f"<ul>{''.join(items)}</ul>" if items else ""
@@ -84,7 +85,7 @@ def _plots(summary: dict[str, Any]) -> str | None:
     plots = [p for p in PLOTS if any(r["task"] == p[0] and r.get(p[1]) is not None for r in rows)]
     if not plots or not shots:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(plots), figsize=(3.6 * len(plots), 3.4), squeeze=False)
     for ax, (task, metric, title) in zip(axes[0], plots, strict=True):
         for arm in ARMS:
@@ -104,7 +105,7 @@ def _plots(summary: dict[str, Any]) -> str | None:
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return _figure_uri(fig)
+    return figure_uri(fig)
 
 
 def _exemplar_grid(summary: dict[str, Any], per_class: int = 4) -> str | None:
@@ -122,7 +123,7 @@ def _exemplar_grid(summary: dict[str, Any], per_class: int = 4) -> str | None:
         return None
     generated = read_defect_set(synthetic_root)
     classes = summary.get("classes") or []
-    plt = _pyplot()
+    plt = pyplot()
     cols = 2 * per_class
     fig, axes = plt.subplots(len(classes), cols, figsize=(cols * 1.2, len(classes) * 1.35), squeeze=False)
     for ax in axes.flat:
@@ -133,23 +134,23 @@ def _exemplar_grid(summary: dict[str, Any], per_class: int = 4) -> str | None:
         for c, path in enumerate(images):
             image = read_image(path)
             mask = read_mask(masks_dir / f"{path.stem}.png", shape=image.shape[:2])
-            axes[r, c].imshow(_overlay(image, mask))
+            axes[r, c].imshow(overlay_mask(image, mask))
             axes[r, c].set_title(f"real {defect_class}"[:16], fontsize=6)
         made = generated.select(defect_class=defect_class, anomalous=True)[:per_class]
         for c, sample in enumerate(made):
             image = generated.load_image(sample)
             mask = generated.load_mask(sample, image.shape[:2])
-            axes[r, per_class + c].imshow(_overlay(image, mask))
+            axes[r, per_class + c].imshow(overlay_mask(image, mask))
             axes[r, per_class + c].set_title(f"synthetic {defect_class}"[:16], fontsize=6)
     fig.tight_layout(pad=0.2)
-    return _figure_uri(fig)
+    return figure_uri(fig)
 
 
 def decision_section(result: dict[str, Any]) -> str:
     """HTML of the decision table section (the first section of the report when the stage ran)."""
     summary = result.get("decision")
     if not summary:
-        return _note("not run (no 'decision' section in the config).")
+        return note("not run (no 'decision' section in the config).")
     cfg = summary.get("config") or {}
     leak = summary.get("leak_check") or {}
     parts = [
@@ -157,21 +158,21 @@ def decision_section(result: dict[str, Any]) -> str:
         f"with the same steps; evaluation on held-out real defects and test/good ({leak.get('evaluation_images')} "
         f"images per repeat, never read by generation: {leak.get('shared', 0)} shared files). Mean ± std over "
         f"{summary.get('repeats')} repeats; bold: best arm per column. Classifier: detect.classify "
-        f"({_esc(cfg.get('classifier'))}); detector-segmenter: {_esc(cfg.get('detector'))}; normals only: "
-        f"{_esc(cfg.get('unsupervised'))}. Run time {summary.get('elapsed_s')} s.</p>",
+        f"({esc(cfg.get('classifier'))}); detector-segmenter: {esc(cfg.get('detector'))}; normals only: "
+        f"{esc(cfg.get('unsupervised'))}. Run time {summary.get('elapsed_s')} s.</p>",
         _table_html(summary),
         _verdicts_html(summary),
     ]
     uri = _plots(summary)
     if uri:
-        parts.append(_img(uri, "metric vs k per arm", "mean ± std over repeats; x: k (log scale)"))
+        parts.append(img(uri, "metric vs k per arm", "mean ± std over repeats; x: k (log scale)"))
     try:
         grid = _exemplar_grid(summary)
     except Exception as exc:  # noqa: BLE001 - a missing work folder must not hide the table
         grid = None
-        parts.append(_note(f"exemplar grid not drawn: {type(exc).__name__}: {exc}"))
+        parts.append(note(f"exemplar grid not drawn: {type(exc).__name__}: {exc}"))
     if grid:
         k = (summary.get("shots") or [0])[-1]
         parts.append("<h3>Known real defects (left) and synthetic defects made from them (right)</h3>"
-                     + _img(grid, "exemplars and synthetic defects", f"repeat 0, k = {k}; red: mask"))
+                     + img(grid, "exemplars and synthetic defects", f"repeat 0, k = {k}; red: mask"))
     return "".join(parts)

@@ -72,7 +72,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -84,10 +84,11 @@ from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_mask
 from detect.metrics import evaluate, roc_points
 from detect.threshold import f1_optimal_threshold
-from synth.config import GENERATE_METHODS, GenerateConfig, StrictModel, validate_config
+from synth.config import GenerateConfig, StrictModel, validate_config
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import InputError
 from synth.generate import generate
+from synth.generators import check_generator_name
 from synth.io import copy_file, list_images, read_json_if_exists, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
@@ -107,11 +108,6 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_ap", "image_f1", "image
 STD_METRICS = ("image_auroc", "pixel_auroc", "image_f1", "image_fpr", "image_recall")
 
 Shot = int | Literal["all"]
-
-
-def generate_methods() -> tuple[str, ...]:
-    """Method names ``GenerateConfig`` accepts now (read from its type, so newly added methods count too)."""
-    return get_args(GenerateConfig.model_fields["method"].annotation) or GENERATE_METHODS
 
 
 class FewShotConfig(StrictModel):
@@ -185,9 +181,7 @@ class FewShotConfig(StrictModel):
     @field_validator("synthetic_method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in generate_methods():
-            raise ValueError(f"unknown generate method; choose one of {list(generate_methods())}")
-        return value
+        return check_generator_name(value)
 
     @field_validator("masks")
     @classmethod

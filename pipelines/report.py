@@ -12,21 +12,19 @@ The result dict is what :func:`pipelines.run.run_pipeline` assembles; every part
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import logging
 import math
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipelines.report_html import esc, figure_uri, img, note, num, pyplot, section, table
 from synth.errors import InputError
 from synth.io import write_json, write_text
+from synth.masks import overlay_mask
 
 logger = logging.getLogger(__name__)
 
@@ -89,85 +87,6 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def _esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _num(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return _esc(value)
-    if math.isnan(number):
-        return "nan"
-    return f"{number:.{digits}f}"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, numeric_from: int = 1,
-           bold: set[tuple[int, int]] | None = None) -> str:
-    """An HTML table; cells are escaped, numbers right-aligned (pass pre-formatted strings for text)."""
-    bold = bold or set()
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    body = []
-    for r, row in enumerate(rows):
-        cells = []
-        for c, cell in enumerate(row):
-            text = _num(cell) if c >= numeric_from and not isinstance(cell, str) else _esc(cell)
-            classes = ["num"] if c >= numeric_from else []
-            if (r, c) in bold:
-                classes.append("best")
-            attr = f" class='{' '.join(classes)}'" if classes else ""
-            cells.append(f"<td{attr}>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
-
-
-def _note(text: str) -> str:
-    return f"<p class='note'>{_esc(text)}</p>"
-
-
-def _section(section_id: str, title: str, body: str) -> str:
-    return f"<section id='{section_id}'><h2>{_esc(title)}</h2>\n{body}\n</section>\n"
-
-
-# --------------------------------------------------------------------------------------------------
-# images
-# --------------------------------------------------------------------------------------------------
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _figure_uri(fig) -> str:
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str, caption: str | None = None) -> str:
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f"<figure><img alt='{_esc(alt)}' src='{uri}'>{cap}</figure>"
-
-
-def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = image.astype(np.float32)
-    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], dtype=np.float32)
-    return out.astype(np.uint8)
-
-
 def _pick_samples(samples: list, count: int) -> list:
     """Up to ``count`` samples, round-robin over the defect classes (so every class shows up), in set order."""
     by_class: dict[str, list] = {}
@@ -195,7 +114,7 @@ def sample_grid(folder: str | Path, count: int) -> tuple[str | None, dict[str, i
     picked = _pick_samples(defects, count)
     if not picked:
         return None, counts
-    plt = _pyplot()
+    plt = pyplot()
     pairs = (len(picked) + 1) // 2  # two triplets per row keeps the grid compact
     cols = 6 if len(picked) > 1 else 3
     fig, axes = plt.subplots(pairs, cols, figsize=(cols * 1.35, pairs * 1.45), squeeze=False)
@@ -205,14 +124,14 @@ def sample_grid(folder: str | Path, count: int) -> tuple[str | None, dict[str, i
         image = dataset.load_image(sample)
         mask = dataset.load_mask(sample, image.shape[:2])
         row, col = index // 2, (index % 2) * 3
-        cells = (image, mask, _overlay(image, mask))
+        cells = (image, mask, overlay_mask(image, mask))
         titles = (f"{sample.defect_class}", "mask", "overlay")
         for offset, (cell, title) in enumerate(zip(cells, titles, strict=True)):
             ax = axes[row, col + offset]
             ax.imshow(cell, cmap="gray" if cell.ndim == 2 else None, vmin=0, vmax=1 if cell.dtype == bool else 255)
             ax.set_title(title[:18], fontsize=7)
     fig.tight_layout(pad=0.3)
-    return _figure_uri(fig), counts
+    return figure_uri(fig), counts
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,7 +139,7 @@ def sample_grid(folder: str | Path, count: int) -> tuple[str | None, dict[str, i
 # --------------------------------------------------------------------------------------------------
 
 def _summary(result: dict[str, Any]) -> str:
-    parts = [_table(["", ""], [["name", str(result.get("name", ""))], ["data", str(result.get("data", ""))],
+    parts = [table(["", ""], [["name", str(result.get("name", ""))], ["data", str(result.get("data", ""))],
                                ["output", str(result.get("out", ""))],
                                ["config file", str(result.get("config_source", ""))],
                                ["top-level seed", str(result.get("seeds", {}).get("seed", ""))]], numeric_from=9)]
@@ -229,10 +148,10 @@ def _summary(result: dict[str, Any]) -> str:
         rows = [[name, info.get("status", ""), info.get("hash", "") or "", str(info.get("seed", "") or ""),
                  "" if info.get("elapsed_s") is None else f"{info['elapsed_s']:.1f} s"]
                 for name, info in stages.items() if info.get("status") != "not run"]
-        parts.append("<h3>Stages</h3>" + _table(["stage", "status", "hash", "seed", "time"], rows, numeric_from=9))
+        parts.append("<h3>Stages</h3>" + table(["stage", "status", "hash", "seed", "time"], rows, numeric_from=9))
         left_out = [name for name, info in stages.items() if info.get("status") == "not run"]
         if left_out:  # named once, not as table rows: a stage this config does not ask for is no failure
-            parts.append(_note("Stages this config leaves out: " + ", ".join(left_out) + "."))
+            parts.append(note("Stages this config leaves out: " + ", ".join(left_out) + "."))
     lines = []
     filt = result.get("filter")
     if filt:
@@ -240,7 +159,7 @@ def _summary(result: dict[str, Any]) -> str:
     clf = result.get("classification")
     if clf and clf.get("methods"):
         chance = 1.0 / max(len(clf.get("classes") or []), 1)
-        accs = ", ".join(f"{name} {_num(m.get('mean_accuracy'))}" for name, m in clf["methods"].items())
+        accs = ", ".join(f"{name} {num(m.get('mean_accuracy'))}" for name, m in clf["methods"].items())
         lines.append(f"Defect classification, mean per-class accuracy on held-out real defects: {accs} "
                      f"(chance {chance:.3f}).")
     few = result.get("fewshot")
@@ -251,18 +170,18 @@ def _summary(result: dict[str, Any]) -> str:
                 continue  # skipped or failed cell
             key = (str(row.get("model")), str(row.get("synthetic")))
             best[key] = row  # rows come in shot order, so the last one is the largest k
-        text = "; ".join(f"{m} ({s}) k={r.get('k')}: {_num(r.get('image_auroc'))}, FPR {_num(r.get('image_fpr'))} "
-                         f"/ recall {_num(r.get('image_recall'))}" for (m, s), r in best.items())
+        text = "; ".join(f"{m} ({s}) k={r.get('k')}: {num(r.get('image_auroc'))}, FPR {num(r.get('image_fpr'))} "
+                         f"/ recall {num(r.get('image_recall'))}" for (m, s), r in best.items())
         lines.append(f"Few-shot detection at the largest k, image AUROC and the decision's false-positive rate / "
                      f"recall at the tool's threshold on the real test split: {text}.")
     real = result.get("realism")
     if real and real.get("sets"):
-        text = "; ".join(f"{name}: KID {_num(m.get('kid_mean'), 4)}, IC-LPIPS {_num(m.get('ic_lpips'))}"
+        text = "; ".join(f"{name}: KID {num(m.get('kid_mean'), 4)}, IC-LPIPS {num(m.get('ic_lpips'))}"
                          for name, m in real["sets"].items() if "kid_mean" in m)
         if text:
             lines.append(f"Realism: {text}.")
     if lines:
-        parts.append("<h3>Headline numbers</h3><ul>" + "".join(f"<li>{_esc(x)}</li>" for x in lines) + "</ul>")
+        parts.append("<h3>Headline numbers</h3><ul>" + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul>")
     return "".join(parts)
 
 
@@ -270,14 +189,14 @@ def _config(result: dict[str, Any]) -> str:
     parts = []
     text = result.get("config_text")
     if text:
-        parts.append(f"<h3>Config file ({_esc(result.get('config_source', ''))}), exactly as given</h3>"
-                     f"<pre>{_esc(redact_text(text))}</pre>")
+        parts.append(f"<h3>Config file ({esc(result.get('config_source', ''))}), exactly as given</h3>"
+                     f"<pre>{esc(redact_text(text))}</pre>")
     if result.get("config") is not None:
         parts.append("<h3>Resolved config (after command-line overrides)</h3>"
-                     f"<pre>{_esc(json.dumps(redact(result['config']), indent=2, sort_keys=True))}</pre>")
+                     f"<pre>{esc(json.dumps(redact(result['config']), indent=2, sort_keys=True))}</pre>")
     if result.get("sections"):
         parts.append("<h3>Stage settings with defaults filled in</h3>"
-                     f"<pre>{_esc(json.dumps(redact(result['sections']), indent=2, sort_keys=True))}</pre>")
+                     f"<pre>{esc(json.dumps(redact(result['sections']), indent=2, sort_keys=True))}</pre>")
     seeds = result.get("seeds") or {}
     rows = [["top-level", str(seeds.get("seed", "")), "config"]]
     for stage, info in (seeds.get("stages") or {}).items():
@@ -286,26 +205,26 @@ def _config(result: dict[str, Any]) -> str:
         inner = (result.get(name) or {}).get("seeds")
         if inner:
             rows.append([f"{name} (inner)", json.dumps(inner, sort_keys=True), "pipeline"])
-    parts.append("<h3>Seeds</h3>" + _table(["stage", "seed", "source"], rows, numeric_from=9))
-    return "".join(parts) or _note("no config recorded")
+    parts.append("<h3>Seeds</h3>" + table(["stage", "seed", "source"], rows, numeric_from=9))
+    return "".join(parts) or note("no config recorded")
 
 
 def _samples(result: dict[str, Any]) -> str:
     sets = result.get("synthetic_sets") or {}
     if not sets:
-        return _note("not run: no synthetic set was generated (no 'generate' or 'classification' section).")
+        return note("not run: no synthetic set was generated (no 'generate' or 'classification' section).")
     count = int((result.get("report_options") or {}).get("samples", 8))
     parts = []
     for label, folder in sets.items():
         try:
             uri, counts = sample_grid(folder, count)
         except InputError as exc:
-            parts.append(f"<h3>{_esc(label)}</h3>" + _note(f"cannot read the set: {exc}"))
+            parts.append(f"<h3>{esc(label)}</h3>" + note(f"cannot read the set: {exc}"))
             continue
         summary = ", ".join(f"{c}: {n}" for c, n in sorted(counts.items())) or "no defects"
-        parts.append(f"<h3>{_esc(label)}</h3><p>{_esc(folder)} — {_esc(summary)}</p>")
-        parts.append(_img(uri, f"generated defects of {label}", "image | mask | overlay") if uri
-                     else _note("the set holds no defect samples"))
+        parts.append(f"<h3>{esc(label)}</h3><p>{esc(folder)} — {esc(summary)}</p>")
+        parts.append(img(uri, f"generated defects of {label}", "image | mask | overlay") if uri
+                     else note("the set holds no defect samples"))
     return "".join(parts)
 
 
@@ -318,7 +237,7 @@ def _fewshot_curves(few: dict[str, Any]) -> str | None:
     shots = [_shot_label(k) for k in few.get("shots") or sorted({_shot_label(r.get("k")) for r in rows}, key=str)]
     if not rows or not shots:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     metrics = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
                ("image_fpr", "false-positive rate at the threshold"), ("image_recall", "recall at the threshold"))
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8), squeeze=False)
@@ -351,16 +270,16 @@ def _fewshot_curves(few: dict[str, Any]) -> str | None:
         fig.tight_layout(rect=(0, 0, 0.86, 1))
     else:
         fig.tight_layout()
-    return _figure_uri(fig)
+    return figure_uri(fig)
 
 
 def _fewshot(result: dict[str, Any]) -> str:
     few = result.get("fewshot")
     if not few:
-        return _note("not run (no 'fewshot' section in the config).")
+        return note("not run (no 'fewshot' section in the config).")
     rows = few.get("rows") or []
     if not rows:
-        return _note("the few-shot pipeline returned no results.")
+        return note("the few-shot pipeline returned no results.")
     table_rows = [[str(r.get("model")), str(r.get("synthetic")), _shot_label(r.get("k")), r.get("k_images"),
                    r.get("image_auroc"), r.get("pixel_auroc"), r.get("target_fpr"), r.get("image_fpr"),
                    r.get("image_recall"), r.get("oracle_recall"), r.get("estimated_recall"), r.get("image_f1"),
@@ -386,7 +305,7 @@ def _fewshot(result: dict[str, Any]) -> str:
              "<b>ROC recall</b> = the recall any threshold reaches at the target rate (set on the test split "
              "itself: the bound), <b>expected recall</b> = the calibration's own estimate on synthetic anomalies. "
              "Bold: best image AUROC per model and k.</p>",
-             _table(["model", "synthetic", "k", "normal images", "image AUROC", "pixel AUROC", "target FPR",
+             table(["model", "synthetic", "k", "normal images", "image AUROC", "pixel AUROC", "target FPR",
                      "FPR at threshold", "recall at threshold", "ROC recall at target", "expected recall",
                      "image F1", "threshold", "fit s", "seed", "note"], table_rows, numeric_from=3, bold=bold)]
     counts = few.get("test_counts") or {}
@@ -394,13 +313,13 @@ def _fewshot(result: dict[str, Any]) -> str:
         good = int(counts.get("good", 0))
         defects = sum(int(n) for c, n in counts.items() if c != "good")
         listing = ", ".join(f"{c} {n}" for c, n in sorted(counts.items()))
-        parts.append(f"<p>Test images: {_esc(listing)}. For reference, calling every test image defective gives "
-                     f"image F1 {_num(2 * defects / max(2 * defects + good, 1))}.</p>")
+        parts.append(f"<p>Test images: {esc(listing)}. For reference, calling every test image defective gives "
+                     f"image F1 {num(2 * defects / max(2 * defects + good, 1))}.</p>")
     if few.get("synthetic_set"):
-        parts.append(f"<p>Synthetic set: {_esc(few['synthetic_set'])}</p>")
+        parts.append(f"<p>Synthetic set: {esc(few['synthetic_set'])}</p>")
     uri = _fewshot_curves(few)
     if uri:
-        parts.append(_img(uri, "few-shot curves", "image AUROC, pixel AUROC, and false-positive rate and recall "
+        parts.append(img(uri, "few-shot curves", "image AUROC, pixel AUROC, and false-positive rate and recall "
                                                   "at the threshold, against the number of normal shots"))
     return "".join(parts)
 
@@ -416,10 +335,10 @@ def _parse_roc_key(key: str) -> tuple[str, str, str]:
 def _roc(result: dict[str, Any]) -> str:
     few = result.get("fewshot")
     if not few:
-        return _note("not run (ROC curves come from the few-shot detection stage).")
+        return note("not run (ROC curves come from the few-shot detection stage).")
     roc = few.get("roc") or {}
     if not roc:
-        return _note("the few-shot pipeline recorded no ROC curves.")
+        return note("the few-shot pipeline recorded no ROC curves.")
     parsed = [(_parse_roc_key(k), v) for k, v in roc.items()]
     # "threshold" reuses the model fitted for "none": the same curve, drawn once.
     modes = {(m, k): {s for (m2, s, k2), _ in parsed if (m2, k2) == (m, k)} for (m, _, k), _ in parsed}
@@ -435,7 +354,7 @@ def _roc(result: dict[str, Any]) -> str:
     shots = list(dict.fromkeys(k for (_, _, k), _ in parsed))
     order = [_shot_label(k) for k in few.get("shots") or []]
     shots.sort(key=lambda k: order.index(k) if k in order else len(order))
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(models), len(shots), figsize=(2.6 * len(shots) + 1.5, 2.6 * len(models)),
                              squeeze=False, sharex=True, sharey=True)
     for (model, synthetic, k), points in parsed:
@@ -454,7 +373,7 @@ def _roc(result: dict[str, Any]) -> str:
                 ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return ("<p>Image-level ROC curves on the real test split, one panel per model and number of normal shots, "
-            "one curve per use of synthetic anomalies.</p>" + _img(_figure_uri(fig), "ROC curves"))
+            "one curve per use of synthetic anomalies.</p>" + img(figure_uri(fig), "ROC curves"))
 
 
 def _confusion_figure(methods: dict[str, Any], classes: list[str]) -> str | None:
@@ -462,7 +381,7 @@ def _confusion_figure(methods: dict[str, Any], classes: list[str]) -> str | None
     named = [(n, c) for n, c in named if c.ndim == 2 and c.size]
     if not named:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     side = max(2.8, 0.45 * len(classes) + 1.6)
     fig, axes = plt.subplots(1, len(named), figsize=(side * len(named), side), squeeze=False)
     for ax, (name, matrix) in zip(axes[0], named, strict=True):
@@ -481,17 +400,17 @@ def _confusion_figure(methods: dict[str, Any], classes: list[str]) -> str | None
         ax.set_ylabel("true", fontsize=8)
         ax.set_title(name, fontsize=9)
     fig.tight_layout()
-    return _figure_uri(fig)
+    return figure_uri(fig)
 
 
 def _classification(result: dict[str, Any]) -> str:
     clf = result.get("classification")
     if not clf:
-        return _note("not run (no 'classification' section in the config).")
+        return note("not run (no 'classification' section in the config).")
     methods = clf.get("methods") or {}
     classes = list(clf.get("classes") or [])
     if not methods:
-        return _note("the classification pipeline returned no methods.")
+        return note("the classification pipeline returned no methods.")
     names = list(methods)
     rows: list[list[Any]] = []
     bold = set()
@@ -511,12 +430,12 @@ def _classification(result: dict[str, Any]) -> str:
     chance = 1.0 / max(len(classes), 1)
     parts = [f"<p>Per-class accuracy (recall) on the held-out real defects; chance = {chance:.3f}. "
              "Bold: best per row.</p>",
-             _table(["class", *names], rows, bold=bold)]
+             table(["class", *names], rows, bold=bold)]
     if split_rows:
-        parts.append("<h3>Split of the real defects</h3>" + _table(["class", "generation", "test"], split_rows))
+        parts.append("<h3>Split of the real defects</h3>" + table(["class", "generation", "test"], split_rows))
     uri = _confusion_figure(methods, classes)
     if uri:
-        parts.append("<h3>Confusion matrices</h3>" + _img(uri, "confusion matrices",
+        parts.append("<h3>Confusion matrices</h3>" + img(uri, "confusion matrices",
                                                           "rows: true class, columns: predicted class; colour: "
                                                           "row-normalised rate, numbers: counts"))
     return "".join(parts)
@@ -525,23 +444,23 @@ def _classification(result: dict[str, Any]) -> str:
 def _realism(result: dict[str, Any]) -> str:
     real = result.get("realism")
     if not real:
-        return _note("not run (set 'realism: true' in the config).")
+        return note("not run (set 'realism: true' in the config).")
     sets = real.get("sets") or {}
     if not sets:
-        return _note("no synthetic set to measure.")
+        return note("no synthetic set to measure.")
     rows = []
     for name, m in sets.items():
         if "kid_mean" not in m:
             rows.append([name, str(m.get("skipped", "skipped")), None, None, None, None, None])
             continue
-        rows.append([name, f"{_num(m.get('kid_mean'), 4)} ± {_num(m.get('kid_std'), 4)}",
+        rows.append([name, f"{num(m.get('kid_mean'), 4)} ± {num(m.get('kid_std'), 4)}",
                      m.get("ic_lpips"), m.get("ic_lpips_clusters"), m.get("n_real"), m.get("n_generated"),
                      str(m.get("crop_to_mask", ""))])
     options = real.get("options") or {}
-    return (f"<p>KID (lower = closer to real) on {_esc(options.get('backbone', 'backbone'))} features and "
-            f"IC-LPIPS-style diversity (higher = more diverse), against {_esc(real.get('reference', 'real defects'))}"
+    return (f"<p>KID (lower = closer to real) on {esc(options.get('backbone', 'backbone'))} features and "
+            f"IC-LPIPS-style diversity (higher = more diverse), against {esc(real.get('reference', 'real defects'))}"
             f". Values are comparable only with numbers from pipelines.realism.</p>"
-            + _table(["synthetic set", "KID", "IC-LPIPS", "clusters", "real", "generated", "defect crops"], rows))
+            + table(["synthetic set", "KID", "IC-LPIPS", "clusters", "real", "generated", "defect crops"], rows))
 
 
 def _decision(result: dict[str, Any]) -> str:
@@ -567,20 +486,20 @@ def render_report(result: dict[str, Any]) -> str:
     title = (result.get("report_options") or {}).get("title") or f"PixelVision pipeline: {result.get('name', '')}"
     body = []
     sections = [sid for sid in SECTIONS if sid != "decision" or result.get("decision")]
-    nav = "".join(f"<a href='#{sid}'>{_esc(SECTION_BUILDERS[sid][0])}</a>" for sid in sections)
+    nav = "".join(f"<a href='#{sid}'>{esc(SECTION_BUILDERS[sid][0])}</a>" for sid in sections)
     for sid in sections:
         heading, build = SECTION_BUILDERS[sid]
         try:
             content = build(result)
         except Exception as exc:  # noqa: BLE001 - a broken plot must not lose the other sections
             logger.warning("report section %s failed: %s", sid, exc)
-            content = _note(f"could not be drawn: {type(exc).__name__}: {exc}")
+            content = note(f"could not be drawn: {type(exc).__name__}: {exc}")
         if sid in COLLAPSED:
             content = f"<details><summary>show</summary>{content}</details>"
-        body.append(_section(sid, heading, content))
-    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{_esc(title)}</title>"
-            f"<style>{CSS}</style></head>\n<body><header><h1>{_esc(title)}</h1>"
-            f"<div>{_esc(result.get('data', ''))}</div></header>\n<nav>{nav}</nav>\n<main>\n{''.join(body)}</main>"
+        body.append(section(sid, heading, content))
+    return (f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{CSS}</style></head>\n<body><header><h1>{esc(title)}</h1>"
+            f"<div>{esc(result.get('data', ''))}</div></header>\n<nav>{nav}</nav>\n<main>\n{''.join(body)}</main>"
             f"</body></html>\n")
 
 

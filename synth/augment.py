@@ -1,7 +1,7 @@
 """Model-free synthetic anomaly augmenters: DRAEM, CutPaste, CutPaste-Scar and CutPaste 3-way.
 
 Every augmenter is called as ``augmenter(image, rng)`` with a ``uint8`` ``H x W x 3`` RGB image
-and an explicit ``np.random.Generator`` and returns an :class:`AugmentResult` holding the new
+and an explicit ``np.random.Generator`` and returns an :class:`GeneratedDefect` holding the new
 image, the ``bool`` defect mask and JSON-serialisable sampling parameters. Two guarantees hold
 for every augmenter:
 
@@ -31,6 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from synth.errors import InputError
+from synth.generators import GeneratedDefect, method_params_error, register_generator
 from synth.io import is_image_file, read_image
 from synth.masks import _check_rng, check_perlin_params, perlin_mask_with_params, perlin_noise
 
@@ -38,7 +39,6 @@ __all__ = [
     "AUGMENTERS",
     "DRAEM_OPS",
     "PHOTOMETRIC_OPS",
-    "AugmentResult",
     "Augmenter",
     "CutPaste",
     "CutPaste3Way",
@@ -65,32 +65,6 @@ _RGB_FIX = (
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class AugmentResult:
-    """Output of an augmenter.
-
-    Attributes:
-        image: augmented ``uint8`` ``H x W x 3`` RGB image (a new array, never the input).
-        mask: ``bool`` ``H x W`` defect mask; all False when no anomaly was added.
-        params: JSON-serialisable sampling parameters; always has ``augmenter`` (name),
-            ``label`` (class name, ``"normal"`` when nothing was added) and ``has_anomaly``.
-    """
-
-    image: Image
-    mask: BoolMask
-    params: dict[str, Any]
-
-    @property
-    def has_anomaly(self) -> bool:
-        """True when a defect was added (the mask is non-empty)."""
-        return bool(self.params["has_anomaly"])
-
-    @property
-    def label(self) -> str:
-        """Class label: ``"normal"``, ``"draem"``, ``"cutpaste"`` or ``"scar"``."""
-        return str(self.params["label"])
-
-
 def check_rgb_image(image: object, what: str = "image") -> Image:
     """Return ``image`` if it is a non-empty ``uint8`` ``H x W x 3`` array, else raise InputError."""
     if not isinstance(image, np.ndarray):
@@ -104,12 +78,12 @@ def check_rgb_image(image: object, what: str = "image") -> Image:
     return image
 
 
-def _result(image: Image, mask: BoolMask, label: str, augmenter: str, **params: Any) -> AugmentResult:
+def _result(image: Image, mask: BoolMask, label: str, augmenter: str, **params: Any) -> GeneratedDefect:
     has = label != "normal"
-    return AugmentResult(image, mask, {"augmenter": augmenter, "label": label, "has_anomaly": has, **params})
+    return GeneratedDefect(image, mask, label, {"augmenter": augmenter, "label": label, "has_anomaly": has, **params})
 
 
-def _normal(image: Image, augmenter: str, **params: Any) -> AugmentResult:
+def _normal(image: Image, augmenter: str, **params: Any) -> GeneratedDefect:
     # A copy, so callers may modify the result without touching their input.
     return _result(image.copy(), np.zeros(image.shape[:2], dtype=bool), "normal", augmenter, **params)
 
@@ -348,12 +322,12 @@ class Augmenter(abc.ABC):
 
     name: ClassVar[str]
 
-    def __call__(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def __call__(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         """Augment ``image`` (``uint8`` ``H x W x 3`` RGB) using only ``rng`` for randomness."""
         return self._apply(check_rgb_image(image), _check_rng(rng))
 
     @abc.abstractmethod
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult: ...
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect: ...
 
 
 def _check_range(name: str, value: object, lo: float, hi: float, *, integer: bool = False) -> tuple[Any, Any]:
@@ -508,7 +482,7 @@ class DraemAugmenter(Augmenter):
                 self._cache.popitem(last=False)
         return img
 
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         if self.p_anomaly < 1.0 and rng.random() >= self.p_anomaly:
             return _normal(image, self.name, reason="p_anomaly")
         h, w = image.shape[:2]
@@ -597,7 +571,7 @@ class CutPaste(Augmenter):
             brightness=self.brightness, contrast=self.contrast, saturation=self.saturation, hue=self.hue
         )
 
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         h, w = image.shape[:2]
         area = float(rng.uniform(*self.area_ratio)) * h * w
         # Log-uniform aspect: as many wide as tall patches (the paper samples (0.3,1) U (1,3.3)).
@@ -669,7 +643,7 @@ class CutPasteScar(Augmenter):
             brightness=self.brightness, contrast=self.contrast, saturation=self.saturation, hue=self.hue
         )
 
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         h, w = image.shape[:2]
         s = min(h, w) / self.reference_size if self.reference_size else 1.0
         pw = int(min(w, max(1, round(int(rng.integers(self.width_range[0], self.width_range[1] + 1)) * s))))
@@ -741,14 +715,13 @@ class CutPaste3Way(Augmenter):
             raise InputError(f"probabilities must be 3 non-negative numbers summing to 1, got {p!r}")
         self.probabilities = (float(p[0]), float(p[1]), float(p[2]))
 
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         k = int(rng.choice(3, p=self.probabilities))
         if k == 0:
             return _normal(image, self.name, class_index=0)
         inner = (self.cutpaste if k == 1 else self.scar)._apply(image, rng)
-        return AugmentResult(
-            inner.image, inner.mask, {**inner.params, "augmenter": self.name, "class_index": k}
-        )
+        return GeneratedDefect(inner.image, inner.mask, inner.defect_class,
+                               {**inner.params, "augmenter": self.name, "class_index": k})
 
 
 @dataclass(eq=False)
@@ -786,7 +759,7 @@ class PerlinBlend(Augmenter):
         self.beta_range = _check_range("beta_range", self.beta_range, 0.0, 1.0)
         self.shade_range = _check_range("shade_range", self.shade_range, 0.0, 4.0)
 
-    def _apply(self, image: Image, rng: np.random.Generator) -> AugmentResult:
+    def _apply(self, image: Image, rng: np.random.Generator) -> GeneratedDefect:
         h, w = image.shape[:2]
         mask, mparams = perlin_mask_with_params(
             (h, w), rng, min_scale_exp=self.min_scale_exp, max_scale_exp=self.max_scale_exp,
@@ -818,3 +791,39 @@ AUGMENTERS: dict[str, type[Augmenter]] = {
     "scar": CutPasteScar,
     "cutpaste3way": CutPaste3Way,
 }
+
+
+def _from_kwargs(cls: type[Augmenter]) -> Callable[..., Augmenter]:
+    def build(**kwargs: Any) -> Augmenter:
+        if cls is DraemAugmenter:
+            kwargs.setdefault("p_anomaly", 1.0)  # a generator asked for a defect should add one
+        return cls(**kwargs)
+
+    return build
+
+
+def _from_config(cls: type[Augmenter]) -> Callable[..., Callable[[Image, np.random.Generator], GeneratedDefect]]:
+    def build(cfg: Any, skipped: list[str]) -> Callable[[Image, np.random.Generator], GeneratedDefect]:
+        params = dict(cfg.method_params)
+        if cls is DraemAugmenter and cfg.anomaly_source is not None:
+            params.setdefault("anomaly_source", cfg.anomaly_source)
+        try:
+            augmenter = _from_kwargs(cls)(**params)
+        except (TypeError, ValueError) as exc:
+            raise method_params_error(cfg.method, cls, exc) from None
+        # The samples carry the user's class name (default: the method), except CutPaste-3way's own two classes.
+        default_class = cfg.defect_class or cls.name
+
+        def augment(image: Image, rng: np.random.Generator) -> GeneratedDefect:
+            result = augmenter(image, rng)
+            label = result.label if cls is CutPaste3Way else None
+            return GeneratedDefect(result.image, result.mask, str(label or default_class), result.params)
+
+        return augment
+
+    return build
+
+
+for _cls in AUGMENTERS.values():
+    register_generator(_cls.name, from_config=_from_config(_cls), from_kwargs=_from_kwargs(_cls),
+                       summary=(_cls.__doc__ or "").strip().splitlines()[0])

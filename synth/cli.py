@@ -17,8 +17,9 @@ from typing import Any
 
 from synth import __version__
 from synth.cli_utils import add_common_arguments, run_cli
-from synth.config import GENERATE_METHODS, GenerateConfig, describe_yaml_error, load_config
+from synth.config import GenerateConfig, describe_yaml_error, load_config
 from synth.errors import ConfigError
+from synth.generators import generator_names
 
 logger = logging.getLogger("synth")
 
@@ -32,7 +33,7 @@ def _add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--masks", type=Path, help="real defect masks, <class>/<name>.png (method paste)")
     parser.add_argument("--defects", type=Path, help="defect images matching the masks by name")
     parser.add_argument("--anomaly-source", type=Path, help="texture folder for DRAEM (e.g. DTD)")
-    parser.add_argument("--method", choices=GENERATE_METHODS)
+    parser.add_argument("--method", choices=generator_names())
     parser.add_argument("--blend", choices=("alpha", "poisson", "texture"), help="blend mode of method paste")
     parser.add_argument("--foreground", choices=("auto", "object", "texture"))
     parser.add_argument("--normal-match", choices=("any", "exemplar"),

@@ -12,14 +12,12 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from synth.errors import ConfigError
 from synth.io import DEFAULT_PNG_COMPRESSION
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-GENERATE_METHODS = ("perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste", "controlnet", "csm")
 
 
 class StrictModel(BaseModel):
@@ -33,7 +31,7 @@ class GenerateConfig(StrictModel):
 
     normal: Path = Field(description="folder of defect-free images")
     out: Path = Field(description="output folder: the labeled defect set")
-    method: Literal["perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste", "controlnet", "csm"] = "perlin"
+    method: str = Field("perlin", description="a registered generator (synth.generators.generator_names())")
     n: int = Field(100, gt=0, description="number of defect samples to generate")
     seed: int = Field(0, ge=0)
     masks: Path | None = Field(None, description="real defect masks for method 'paste' (<class>/<name>.png)")
@@ -54,6 +52,13 @@ class GenerateConfig(StrictModel):
     workers: int | None = Field(None, ge=1, description="processes that generate in parallel (same bytes for any "
                                 "number); default: all cores (shared among processes launched on one machine)")
     method_params: dict[str, Any] = Field(default_factory=dict, description="extra generator arguments")
+
+    @field_validator("method")
+    @classmethod
+    def _registered_method(cls, method: str) -> str:
+        from synth.generators import check_generator_name  # the generators import this module
+
+        return check_generator_name(method)
 
 
 def _unknown_key_hint(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> str:

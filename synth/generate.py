@@ -13,7 +13,7 @@ Guarantees:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from synth.config import GenerateConfig
 from synth.defect_set import (
     GOOD,
     MANIFEST_NAME,
-    MASK_SUFFIX,
     DefectSample,
     DefectSet,
     DefectSetWriter,
@@ -33,34 +32,22 @@ from synth.defect_set import (
     write_sample_files,
 )
 from synth.errors import InputError
+from synth.generators import DefectGenerator, build_generator, get_generator
 from synth.io import (
     DEFAULT_PNG_COMPRESSION,
     in_mode_of,
     list_images,
     read_image,
     read_json_if_exists,
-    read_mask,
     write_image,
     write_json,
 )
+from synth.masks import overlay_mask
 from synth.parallel import Shard, current_shard, default_workers, ordered_map
 
 logger = logging.getLogger(__name__)
 
 CONFIG_RECORD = "generate_config.json"
-
-
-@dataclass
-class GeneratedDefect:
-    """What every generator returns for one normal image."""
-
-    image: np.ndarray
-    mask: np.ndarray
-    defect_class: str
-    params: dict[str, Any]
-
-
-DefectGenerator = Callable[[np.ndarray, np.random.Generator], GeneratedDefect]
 
 
 @dataclass
@@ -74,135 +61,6 @@ class GenerateReport:
 def sample_seed(seed: int, index: int) -> int:
     """The seed of sample ``index``: independent streams per sample, stable across resumes."""
     return int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint32)[0])
-
-
-def _mask_stem(path: Path) -> str:
-    return path.stem[: -len(MASK_SUFFIX)] if path.stem.endswith(MASK_SUFFIX) else path.stem
-
-
-def _find_defect_image(defects: Path, defect_class: str | None, stem: str) -> Path | None:
-    folders = [defects / defect_class, defects] if defect_class else [defects]
-    for folder in folders:
-        if folder.is_dir():
-            for candidate in sorted(folder.glob(f"{stem}.*")):
-                if candidate.is_file():
-                    return candidate
-    return None
-
-
-def load_exemplars(masks: Path, defects: Path | None, *, strict: bool = False,
-                   skipped: list[str] | None = None) -> list:
-    """Real defect masks (and their images) as placement exemplars.
-
-    ``masks`` holds ``<class>/<name>.png`` (or ``<name>_mask.png``, MVTec's ground_truth layout) or flat
-    ``<name>.png`` files (class ``defect``). ``defects`` holds the matching defect images, ``<class>/<name>.*``
-    or flat. All-zero masks are skipped with a warning (an error with ``strict``); none left is an error.
-    """
-    from synth.placement import DefectExemplar
-
-    if not masks.is_dir():
-        what = "expected a folder of masks, got a file" if masks.exists() else "masks folder not found"
-        raise InputError(f"{masks}: {what}; pass --masks DIR with <class>/<name>.png masks.")
-    class_dirs = sorted(p for p in masks.iterdir() if p.is_dir())
-    entries: list[tuple[str, Path]] = []
-    for class_dir in class_dirs:
-        entries += [(class_dir.name, p) for p in list_images(class_dir, allow_empty=True)]
-    entries += [("defect", p) for p in list_images(masks, allow_empty=True)]
-    if not entries:
-        raise InputError(f"{masks}: no mask images found; expected <class>/<name>.png files.")
-    skipped = skipped if skipped is not None else []
-    exemplars = []
-    for defect_class, mask_path in entries:
-        image = None
-        image_path = None
-        if defects is not None:
-            image_path = _find_defect_image(defects, defect_class if defect_class != "defect" else None,
-                                            _mask_stem(mask_path))
-            if image_path is None:
-                raise InputError(f"{mask_path}: no defect image named {_mask_stem(mask_path)}.* under {defects}; "
-                                 f"the masks and --defects images must share names.")
-            image = read_image(image_path)
-        mask = read_mask(mask_path, shape=None if image is None else image.shape[:2], image_path=image_path)
-        if not mask.any():
-            if strict:
-                raise InputError(f"{mask_path}: mask is empty (no defect pixel); fix or remove it.")
-            logger.warning("%s: empty mask skipped", mask_path)
-            skipped.append(f"{mask_path}: empty mask")
-            continue
-        exemplars.append(DefectExemplar(mask=mask, image=image, defect_class=defect_class, source=str(mask_path)))
-    if not exemplars:
-        raise InputError(f"{masks}: every mask is empty (all-zero); masks must mark defect pixels with 255.")
-    return exemplars
-
-
-def _method_params_error(method: str, target: Callable[..., Any], exc: Exception) -> InputError:
-    """One message for a method_params entry the generator refuses: an unknown key (TypeError) or a bad value."""
-    import inspect
-
-    skip = {"exemplars", "blend_mode", "foreground"}  # set by synth generate itself, not method_params
-    valid = ", ".join(p for p in inspect.signature(target).parameters if p not in skip)
-    hint = f"; valid keys: {valid}" if isinstance(exc, TypeError) else ""
-    return InputError(f"method_params for {method!r}: {exc}{hint} (--set KEY=VALUE or method_params: in the config).")
-
-
-@dataclass
-class _PasteGenerator:
-    """Method paste; keeps the placer so ``normal_match: exemplar`` can read the loaded exemplars."""
-
-    placer: Any
-
-    def __call__(self, image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
-        result = self.placer(image, rng)
-        return GeneratedDefect(result.image, result.mask, result.defect_class, result.params)
-
-
-def build_generator(cfg: GenerateConfig, skipped: list[str] | None = None) -> DefectGenerator:
-    """The per-image generator for ``cfg.method`` (see ``GenerateConfig``)."""
-    params = dict(cfg.method_params)
-    if cfg.method == "controlnet":
-        from synth.diffusion.pipeline_controlnet_inpaint import build_controlnet_generator
-
-        return build_controlnet_generator(params, cfg.masks, cfg.defects, foreground=cfg.foreground,
-                                          strict=cfg.strict, skipped=skipped)
-    if cfg.method == "csm":
-        from synth.diffusion.pipeline_csm import build_csm_generator
-
-        return build_csm_generator(params, cfg.masks, cfg.defects, foreground=cfg.foreground, strict=cfg.strict,
-                                   skipped=skipped)
-    if cfg.method == "paste":
-        from synth.placement import MaskGuidedPlacer
-
-        if cfg.masks is None:
-            raise InputError("method 'paste' needs real defect masks: pass --masks DIR.")
-        if cfg.blend in ("poisson", "texture") and cfg.defects is None:
-            raise InputError(f"blend '{cfg.blend}' copies real defect appearance: pass --defects DIR "
-                             f"with the images the masks belong to, or use --blend alpha.")
-        exemplars = load_exemplars(cfg.masks, cfg.defects, strict=cfg.strict, skipped=skipped)
-        try:
-            placer = MaskGuidedPlacer(exemplars, blend_mode=cfg.blend, foreground=cfg.foreground, **params)
-        except (TypeError, ValueError) as exc:
-            raise _method_params_error(cfg.method, MaskGuidedPlacer, exc) from None
-
-        return _PasteGenerator(placer)
-
-    from synth.augment import AUGMENTERS
-
-    if cfg.method == "draem":
-        params.setdefault("p_anomaly", 1.0)
-        if cfg.anomaly_source is not None:
-            params.setdefault("anomaly_source", cfg.anomaly_source)
-    try:
-        augmenter = AUGMENTERS[cfg.method](**params)
-    except (TypeError, ValueError) as exc:
-        raise _method_params_error(cfg.method, AUGMENTERS[cfg.method], exc) from None
-    default_class = cfg.defect_class or cfg.method
-
-    def augment(image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
-        result = augmenter(image, rng)
-        label = result.params.get("label") if cfg.method == "cutpaste3way" else None
-        return GeneratedDefect(result.image, result.mask, str(label or default_class), result.params)
-
-    return augment
 
 
 def _readable_normals(paths: Sequence[Path], strict: bool, skipped: list[str],
@@ -247,8 +105,9 @@ def _normal_weights(generator: DefectGenerator, descriptors: list[np.ndarray],
                     normals: Sequence[Path]) -> tuple[np.ndarray, dict[str, Any]]:
     """Context weights of the normals for ``normal_match: exemplar`` and a summary for dataset_info.json."""
     from synth.context import DESCRIPTOR_NAMES, context_weights, exemplar_descriptor, weights_summary
+    from synth.paste import PasteGenerator
 
-    assert isinstance(generator, _PasteGenerator)  # generate() checked method == paste
+    assert isinstance(generator, PasteGenerator)  # generate() checked method == paste
     exemplars = generator.placer.exemplars
     weights = context_weights(np.stack(descriptors), np.stack([exemplar_descriptor(ex) for ex in exemplars]))
     summary = {"mode": "exemplar", "descriptor": list(DESCRIPTOR_NAMES), "exemplars": len(exemplars),
@@ -262,12 +121,6 @@ def _normal_weights(generator: DefectGenerator, descriptors: list[np.ndarray],
     return weights, summary
 
 
-def _overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    out = image.astype(np.float32)
-    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], dtype=np.float32)
-    return out.astype(np.uint8)
-
-
 def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray | None:
     """Grid of (image, mask, overlay) triplets for the first ``count`` defect samples."""
     import cv2
@@ -279,7 +132,7 @@ def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray 
     for sample in samples:
         image = dataset.load_image(sample)
         mask = dataset.load_mask(sample, image.shape[:2])
-        cells = [image, np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2), _overlay(image, mask)]
+        cells = [image, np.repeat((mask * 255).astype(np.uint8)[:, :, None], 3, axis=2), overlay_mask(image, mask)]
         rows.append(np.concatenate([cv2.resize(c, (tile, tile), interpolation=cv2.INTER_AREA) for c in cells], 1))
     columns = 2 if len(rows) > 4 else 1
     while len(rows) % columns:
@@ -289,7 +142,6 @@ def make_preview(dataset: DefectSet, count: int, tile: int = 128) -> np.ndarray 
     return np.concatenate(blocks, axis=1)
 
 
-_MODEL_METHODS = ("controlnet", "csm")
 _SHARD_MANIFEST_GLOB = "manifest.shard-*.jsonl"
 
 
@@ -394,7 +246,7 @@ def generate(cfg: GenerateConfig, *, progress: bool = True) -> GenerateReport:
             source_image=str(source), png_compression=cfg.png_compression)
 
     # Diffusion generators hold a model (and maybe a GPU): one process each; spread them with accelerate launch.
-    workers = 1 if cfg.method in _MODEL_METHODS else (cfg.workers or default_workers())
+    workers = 1 if get_generator(cfg.method).single_process else (cfg.workers or default_workers())
     with tqdm(total=cfg.n, initial=resumed_from, desc=f"synth generate {cfg.method}", unit="img",
               disable=not progress or not shard.is_main) as bar:
         for sample in ordered_map(make_sample, pending, workers):

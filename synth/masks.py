@@ -595,3 +595,10 @@ MASK_GENERATORS: dict[str, MaskGenerator] = {
     "scratch": scratch_mask,
     "blob": blob_mask,
 }
+
+
+def overlay_mask(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` (uint8 HxWx3) with the ``mask`` pixels blended half-way to red, for previews and reports."""
+    out = image.astype(np.float32)
+    out[mask] = 0.5 * out[mask] + 0.5 * np.array([255, 0, 0], dtype=np.float32)
+    return out.astype(np.uint8)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import cv2
@@ -37,6 +37,7 @@ import numpy as np
 from scipy import ndimage
 
 from synth.errors import InputError
+from synth.generators import GeneratedDefect
 
 __all__ = [
     "BlendMode",
@@ -48,7 +49,6 @@ __all__ = [
     "MaskGuidedPlacer",
     "OrientationMode",
     "PlacementError",
-    "PlacementResult",
     "PositionMode",
     "blend",
     "deform_exemplar",
@@ -931,16 +931,6 @@ class DefectExemplar:
     source: str = "<memory>"
 
 
-@dataclass(frozen=True, eq=False)
-class PlacementResult:
-    """A new labeled defect: uint8 HxWx3 image, bool HxW mask, class, JSON-serialisable params."""
-
-    image: np.ndarray
-    mask: np.ndarray
-    defect_class: str
-    params: dict[str, Any] = field(default_factory=dict)
-
-
 # Exemplar statistics for position="exemplar" / orientation="exemplar". Both are a smoothed bootstrap:
 # pick exemplar j, copy its statistic, add Gaussian kernel noise with the class's Scott's-rule bandwidth, i.e.
 # draw from the kernel density estimate of the class's few real exemplars.
@@ -1384,7 +1374,7 @@ class MaskGuidedPlacer:
         matched, gain, shift = _match_patch(patch, target, prep.surface)
         return matched, 1.0, {"harmonize": True, "harmonize_gain": gain, "harmonize_shift": shift}
 
-    def __call__(self, normal_image: np.ndarray, rng: np.random.Generator) -> PlacementResult:
+    def __call__(self, normal_image: np.ndarray, rng: np.random.Generator) -> GeneratedDefect:
         """Place one new defect on ``normal_image``; raises :class:`PlacementError` if none fits."""
         _check_image(normal_image, "normal_image")
         _check_rng(rng)
@@ -1478,7 +1468,7 @@ class MaskGuidedPlacer:
                 "attempts": attempt,
                 **extra,
             }
-            return PlacementResult(image=image, mask=mask, defect_class=ex.defect_class, params=params)
+            return GeneratedDefect(image=image, mask=mask, defect_class=ex.defect_class, params=params)
         raise PlacementError(
             f"defect exemplar {ex.source!r} could not be placed on the {hw[0]}x{hw[1]} image after "
             f"{self.max_attempts} deformations: {error}"

@@ -7,10 +7,10 @@
 - :class:`SyntheticAnomalyV2`: the same for torchvision-v2 style pipelines: a ``torch.nn.Module`` called with
   an image tensor (C, H, W; uint8 or float in [0, 1]) and an optional mask, returning ``(image, mask)``.
 
-``generator`` is any name of :data:`synth.augment.AUGMENTERS` (``"perlin"``, ``"draem"``, ``"cutpaste"``,
-``"scar"``, ``"cutpaste3way"``), ``"paste"`` (real defect masks deformed and placed by
-:class:`synth.placement.MaskGuidedPlacer`, see :func:`make_augmenter`) or a callable ``(image, rng) -> result``
-with ``.image`` and ``.mask``.
+``generator`` is any name of the generator registry that builds by name
+(:func:`synth.generators.transform_generator_names`: ``"perlin"``, ``"draem"``, ``"cutpaste"``, ``"scar"``,
+``"cutpaste3way"``, ``"paste"``: real defect masks deformed and placed by
+:class:`synth.placement.MaskGuidedPlacer`) or a callable ``(image, rng) -> result`` with ``.image`` and ``.mask``.
 
 ``"paste"`` takes ``exemplars=[...]`` (:class:`~synth.placement.DefectExemplar` objects, ``(image, mask)`` or
 ``(image, mask, class)`` tuples; ``image`` may be None, grey or RGB, ``mask`` bool or 0/255) and/or
@@ -24,99 +24,28 @@ training loop; ``params["placement_failed"]`` holds the reason. Bad exemplars st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
 
 from synth.errors import InputError
+from synth.generators import make_generator
 from synth.io import ensure_rgb_uint8
-
-if TYPE_CHECKING:
-    from synth.placement import DefectExemplar, PlacementResult
-
-
-def _as_exemplar(item: Any, index: int) -> DefectExemplar:
-    """A DefectExemplar from a DefectExemplar or an ``(image, mask[, class])`` tuple (named ``exemplars[i]``)."""
-    from synth.placement import DefectExemplar
-
-    if isinstance(item, DefectExemplar):
-        return item
-    name = f"exemplars[{index}]"
-    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
-        raise InputError(f"{name} must be a DefectExemplar or an (image, mask) / (image, mask, class) tuple, "
-                         f"got {type(item).__name__}; image may be None for masks only")
-    image, mask = item[0], item[1]
-    defect_class = item[2] if len(item) == 3 else "defect"
-    if not isinstance(mask, np.ndarray) or mask.ndim not in (2, 3) or (mask.ndim == 3 and mask.shape[2] != 1):
-        got = f"shape {mask.shape}" if isinstance(mask, np.ndarray) else type(mask).__name__
-        raise InputError(f"{name}: mask must be an HxW array (True / non-zero = defect), got {got}")
-    mask = mask.reshape(mask.shape[:2])
-    if mask.dtype != np.bool_:
-        mask = mask > 0
-    if image is not None:
-        image = ensure_rgb_uint8(image, source=f"{name} image")
-    return DefectExemplar(mask=mask, image=image, defect_class=defect_class, source=name)
-
-
-def _paste_augmenter(exemplars: Sequence[Any] | None = None, masks: str | Path | None = None,
-                     defects: str | Path | None = None, **placer_kwargs: Any) -> Callable[..., PlacementResult]:
-    from synth.generate import load_exemplars
-    from synth.placement import MaskGuidedPlacer, PlacementError, PlacementResult
-
-    items = [] if exemplars is None else exemplars
-    if not isinstance(items, (list, tuple)):
-        raise InputError(f"generator 'paste': exemplars must be a list, got {type(items).__name__}")
-    loaded = [_as_exemplar(item, i) for i, item in enumerate(items)]
-    if masks is not None:
-        loaded += load_exemplars(Path(masks), None if defects is None else Path(defects))
-    elif defects is not None:
-        raise InputError("generator 'paste': defects=DIR needs masks=DIR with the matching masks")
-    if not loaded:
-        raise InputError("generator 'paste' needs real defects: pass exemplars=[(image, mask, class), ...] "
-                         "or masks=DIR (and defects=DIR for the images)")
-    try:
-        placer = MaskGuidedPlacer(loaded, **placer_kwargs)
-    except TypeError as exc:  # an unknown keyword: say which ones exist
-        import inspect
-
-        valid = ", ".join(["exemplars", "masks", "defects",
-                           *(k for k in inspect.signature(MaskGuidedPlacer).parameters if k != "exemplars")])
-        raise InputError(f"generator 'paste': {exc}; valid keywords: {valid}") from None
-
-    def paste(image: np.ndarray, rng: np.random.Generator) -> PlacementResult:
-        try:
-            result = placer(image, rng)
-        except PlacementError as exc:
-            # An unplaceable defect (tiny crop, small object) is a skipped augmentation, not a training crash.
-            # Nothing placed: the image unchanged, an empty mask (the placer's own result type).
-            return PlacementResult(image.copy(), np.zeros(image.shape[:2], bool), "good",
-                                   {"placement_failed": str(exc)})
-        return result
-
-    return paste
 
 
 def make_augmenter(generator: str | Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
-    """An augmenter from a registry name (with constructor kwargs), ``"paste"`` or a ready callable.
+    """A generator from a registered name (with its keyword arguments, :func:`synth.generators.make_generator`)
+    or a ready callable.
 
     ``"paste"`` keywords: ``exemplars`` (list of DefectExemplar / ``(image, mask[, class])``), ``masks`` and
     ``defects`` (folders, as for ``synth generate``), the rest for :class:`~synth.placement.MaskGuidedPlacer`.
     """
     if callable(generator):
         return generator
-    if generator == "paste":
-        return _paste_augmenter(**kwargs)
-    from synth.augment import AUGMENTERS
-
-    if generator not in AUGMENTERS:
-        raise InputError(f"unknown generator {generator!r}; choose one of {sorted([*AUGMENTERS, 'paste'])}.")
-    if generator == "draem":
-        kwargs.setdefault("p_anomaly", 1.0)  # a transform asked to add a defect should add one
-    return AUGMENTERS[generator](**kwargs)
+    return make_generator(generator, **kwargs)
 
 
 class SyntheticAnomaly(A.DualTransform):

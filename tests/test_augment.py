@@ -13,7 +13,6 @@ from synth.augment import (
     AUGMENTERS,
     DRAEM_OPS,
     PHOTOMETRIC_OPS,
-    AugmentResult,
     CutPaste,
     CutPaste3Way,
     CutPasteScar,
@@ -22,6 +21,7 @@ from synth.augment import (
     blend_anomaly,
 )
 from synth.errors import InputError
+from synth.generators import GeneratedDefect
 
 
 def _brick(size: tuple[int, int] = (192, 192)) -> np.ndarray:
@@ -49,8 +49,8 @@ FACTORIES = {
 }
 
 
-def _check_result(result: AugmentResult, image: np.ndarray) -> None:
-    assert isinstance(result, AugmentResult)
+def _check_result(result: GeneratedDefect, image: np.ndarray) -> None:
+    assert isinstance(result, GeneratedDefect)
     assert result.image.dtype == np.uint8 and result.image.shape == image.shape
     assert result.mask.dtype == np.bool_ and result.mask.shape == image.shape[:2]
     # Changes are confined to the mask: outside it the output is byte-identical to the input.

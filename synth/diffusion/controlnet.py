@@ -28,8 +28,8 @@ minimises the standard diffusion loss (MSE to the noise, or to the velocity for 
          + ControlNet(noisy latents, t, text, mask image) residuals)
 
 with only the ControlNet trainable. The inpainted region is the defect mask grown to whole latent cells
-(:func:`latent_region`): the same region the generator passes to the pipeline, so training and generation see the
-same masks.
+(:func:`synth.diffusion.inpainting.latent_region`): the same region the generator passes to the pipeline, so
+training and generation see the same masks.
 
 Engineering: ``accelerate.Accelerator`` (mixed precision, gradient accumulation, ``prepare``, ``save_state`` /
 ``load_state`` checkpoints in ``out/checkpoints/step_N``, automatic resume from the latest one). The script has no
@@ -207,7 +207,7 @@ def load_training_pairs(cfg: ControlNetTrainConfig) -> list[TrainingPair]:
             pairs.append(TrainingPair(image, mask, sample.defect_class, str(dataset.image_path(sample))))
         where = cfg.data
     else:
-        from synth.generate import load_exemplars
+        from synth.paste import load_exemplars
 
         assert cfg.masks is not None and cfg.defects is not None  # guaranteed by the config validator
         for ex in load_exemplars(cfg.masks, cfg.defects):
@@ -294,24 +294,6 @@ def augment_pair(pair: TrainingPair, rng: np.random.Generator, resolution: int,
     image = resize_image(np.ascontiguousarray(image), resolution)
     shape, touched = resize_mask(np.ascontiguousarray(mask), resolution)
     return image, shape, touched
-
-
-def latent_region(touched: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """(B, 1, H, W) touched mask -> (B, 1, H/f, W/f) latent mask: every latent cell the defect reaches.
-
-    Nearest downsampling (what the pipeline does) would drop defects thinner than a latent cell; growing the
-    region to whole cells guarantees every defect pixel is regenerated.
-    """
-    import torch.nn.functional as F
-
-    return F.max_pool2d(touched.float(), kernel_size=vae_scale_factor)
-
-
-def pixel_region(latent_mask: torch.Tensor, vae_scale_factor: int) -> torch.Tensor:
-    """Latent mask back to pixels (block-constant), the region a pipeline with this mask repaints."""
-    import torch.nn.functional as F
-
-    return F.interpolate(latent_mask, scale_factor=vae_scale_factor, mode="nearest")
 
 
 # --------------------------------------------------------------------------------------------------

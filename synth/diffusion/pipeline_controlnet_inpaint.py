@@ -45,13 +45,22 @@ from synth.diffusion.controlnet import (
     resize_image,
     resize_mask,
 )
+from synth.diffusion.inpainting import (
+    PAINT_KEYS,
+    check_scheduler,
+    composite,
+    device_and_dtype,
+    make_scheduler,
+    mask_placer,
+    repaint_region,
+    to_uint8,
+)
 from synth.diffusion.run_state import CONFIG_RECORD
 from synth.errors import InputError
+from synth.generators import GeneratedDefect, register_generator
 from synth.io import read_json_if_exists
 
-SCHEDULERS = ("unipc", "ddim", "dpm", "ddpm")
 # Placement keys that describe the alpha paint the placer also renders; that image is thrown away here.
-_PAINT_KEYS = ("blend_mode", "clone_mode", "feather")
 
 
 class ControlNetGenerateConfig(StrictModel):
@@ -97,14 +106,6 @@ def resolve_controlnet_dir(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return folder, record if isinstance(record, dict) else {}
 
 
-def _make_scheduler(name: str, config: Any) -> Any:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    classes = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
-               "ddpm": DDPMScheduler}
-    return classes[name].from_config(config)
-
-
 class ControlNetInpaintGenerator:
     """``(normal uint8 HxWx3, rng) -> GeneratedDefect``: placed real mask, ControlNet inpainting, exact composite.
 
@@ -148,7 +149,6 @@ class ControlNetInpaintGenerator:
         placement: dict[str, Any] | None = None,
     ) -> None:
         from synth.diffusion.components import load_inpaint_components, require_diffusers
-        from synth.placement import DefectExemplar, MaskGuidedPlacer
 
         require_diffusers()
         import torch
@@ -163,8 +163,7 @@ class ControlNetInpaintGenerator:
             prompt_template or record.get("prompt_template") or DEFAULT_PROMPT_TEMPLATE)
         self.class_names = {**(record.get("class_names") or {}), **(class_names or {})}
         self.resolution = int(resolution or record.get("resolution") or 512)
-        if scheduler not in SCHEDULERS:
-            raise InputError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
+        check_scheduler(scheduler)
         self.negative_prompt = negative_prompt
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
@@ -172,21 +171,8 @@ class ControlNetInpaintGenerator:
         self.controlnet_scale = float(controlnet_scale)
         self.scheduler_name = scheduler
 
-        # Placement needs only the masks; without images the placer skips its background estimates.
-        masks_only = [DefectExemplar(mask=ex.mask, defect_class=ex.defect_class, source=ex.source)
-                      for ex in exemplars]
-        try:
-            self.placer = MaskGuidedPlacer(masks_only, blend_mode="alpha", foreground=foreground,
-                                           **(placement or {}))
-        except TypeError as exc:
-            raise InputError(f"method_params.placement: {exc}; see synth.placement.MaskGuidedPlacer for the "
-                             f"options (scale, rotation, min_inside, ...).") from None
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = getattr(torch, dtype)
+        self.placer = mask_placer(exemplars, foreground, placement)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         components = load_inpaint_components(self.pretrained)
         self.vae_scale_factor = components.vae_scale_factor
         if self.resolution % self.vae_scale_factor:
@@ -196,7 +182,7 @@ class ControlNetInpaintGenerator:
         self.pipeline = StableDiffusionControlNetInpaintPipeline(
             vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
             unet=components.unet, controlnet=controlnet_model,
-            scheduler=_make_scheduler(scheduler, components.noise_scheduler.config),
+            scheduler=make_scheduler(scheduler, components.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         ).to(self.device, None if self.dtype == torch.float32 else self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
@@ -206,11 +192,7 @@ class ControlNetInpaintGenerator:
         import torch
         from PIL import Image
 
-        from synth.diffusion.controlnet import latent_region, pixel_region
-
-        f = self.vae_scale_factor
-        touched_t = torch.from_numpy(touched)[None, None].float()
-        region = pixel_region(latent_region(touched_t, f), f)[0, 0].numpy() > 0.5
+        region = repaint_region(touched, self.vae_scale_factor)
         control = np.repeat((shape.astype(np.uint8) * 255)[:, :, None], 3, axis=2)
         # CPU generator: the same seed gives the same noise on any device.
         generator = torch.Generator().manual_seed(seed)
@@ -223,14 +205,10 @@ class ControlNetInpaintGenerator:
                 guidance_scale=self.guidance_scale, controlnet_conditioning_scale=self.controlnet_scale,
                 generator=generator, output_type="np",
             ).images[0]
-        return np.clip(np.rint(np.asarray(result, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        return to_uint8(result)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Any:
         """Place a real defect mask on ``image`` and inpaint a new defect there (see the module docstring)."""
-        import cv2
-
-        from synth.generate import GeneratedDefect
-
         placed = self.placer(image, rng)
         mask = placed.mask
         seed = int(rng.integers(0, 2**31 - 1))
@@ -238,12 +216,7 @@ class ControlNetInpaintGenerator:
         size = self.resolution
         shape, touched = resize_mask(mask, size)
         generated = self._inpaint(resize_image(image, size), shape, touched, prompt, seed)
-        h, w = image.shape[:2]
-        if (h, w) != (size, size):
-            generated = cv2.resize(generated, (w, h), interpolation=cv2.INTER_CUBIC if max(h, w) > size
-                                   else cv2.INTER_AREA)
-        # Exact composite: every pixel outside the mask is the input's.
-        out = np.where(mask[:, :, None], generated, image)
+        out = composite(image, generated, mask)
         params = {
             "defect_class": placed.defect_class,
             "prompt": prompt,
@@ -257,7 +230,7 @@ class ControlNetInpaintGenerator:
             "diffusion_seed": seed,
             "controlnet": str(self.controlnet_dir),
             "pretrained": str(self.pretrained),
-            "placement": {k: v for k, v in placed.params.items() if k not in _PAINT_KEYS},
+            "placement": {k: v for k, v in placed.params.items() if k not in PAINT_KEYS},
         }
         return GeneratedDefect(image=out, mask=mask, defect_class=placed.defect_class, params=params)
 
@@ -277,7 +250,7 @@ def build_controlnet_generator(
         ConfigError: a bad ``method_params`` key or value (named).
         InputError: no ``--masks``, a missing ControlNet folder, unusable masks.
     """
-    from synth.generate import load_exemplars
+    from synth.paste import load_exemplars
 
     params = validate_config(ControlNetGenerateConfig, dict(cfg_params), source="method_params")
     if masks_dir is None:
@@ -292,3 +265,12 @@ def build_controlnet_generator(
         scheduler=params.scheduler, device=params.device, dtype=params.dtype, foreground=foreground,
         placement=params.placement,
     )
+
+
+def _from_generate_config(cfg: Any, skipped: list[str]) -> Any:
+    return build_controlnet_generator(cfg.method_params, cfg.masks, cfg.defects, foreground=cfg.foreground,
+                                      strict=cfg.strict, skipped=skipped)
+
+
+register_generator("controlnet", from_config=_from_generate_config, needs_masks=True, single_process=True,
+                   summary="a ControlNet trained on the real defects inpaints each placed mask")

@@ -49,13 +49,22 @@ from synth.diffusion.controlnet import (
     resize_image,
     resize_mask,
 )
+from synth.diffusion.inpainting import (
+    PAINT_KEYS,
+    check_scheduler,
+    composite,
+    device_and_dtype,
+    make_scheduler,
+    mask_placer,
+    repaint_region,
+    to_uint8,
+)
 from synth.errors import InputError
+from synth.generators import GeneratedDefect, register_generator
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = ("unipc", "ddim", "dpm", "ddpm")
 # Placement keys that describe the alpha paint the placer also renders; that image is thrown away here.
-_PAINT_KEYS = ("blend_mode", "clone_mode", "feather")
 
 
 class CSMGenerateConfig(StrictModel):
@@ -91,14 +100,6 @@ class CSMGenerateConfig(StrictModel):
     @classmethod
     def _check_template(cls, value: str | None) -> str | None:
         return None if value is None else check_prompt_template(value)
-
-
-def _make_scheduler(name: str, config: Any) -> Any:
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
-
-    classes = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler,
-               "ddpm": DDPMScheduler}
-    return classes[name].from_config(config)
 
 
 def load_references(source: str | Path) -> list[TrainingPair]:
@@ -163,10 +164,8 @@ class CSMGenerator:
         placement: dict[str, Any] | None = None,
     ) -> None:
         from synth.diffusion.components import load_inpaint_components, require_diffusers
-        from synth.placement import DefectExemplar, MaskGuidedPlacer
 
         require_diffusers()
-        import torch
 
         from synth.diffusion.csm import DEFAULT_CLIP_MODEL, DEFAULT_CLIP_PRETRAINED, load_adapter, load_clip_encoder
 
@@ -182,9 +181,7 @@ class CSMGenerator:
         self.class_names = {**(meta.get("class_names") or {}), **(class_names or {})}
         self.prompt = prompt
         self.resolution = int(resolution or meta.get("resolution") or 512)
-        if scheduler not in SCHEDULERS:
-            raise InputError(f"scheduler must be one of {SCHEDULERS}, got {scheduler!r}")
-        self.scheduler_name = scheduler
+        self.scheduler_name = check_scheduler(scheduler)
         self.negative_prompt = negative_prompt
         self.num_inference_steps = int(num_inference_steps)
         self.guidance_scale = float(guidance_scale)
@@ -195,21 +192,15 @@ class CSMGenerator:
         self.augment = AugmentConfig(**(meta.get("augment") or {}))
 
         # Placement needs only the masks; the class to generate decides which of them.
-        masks_only = [DefectExemplar(mask=ex.mask, defect_class=ex.defect_class, source=ex.source)
-                      for ex in exemplars]
         self.defect_class = defect_class
         if defect_class is not None:
-            own = [ex for ex in masks_only if ex.defect_class == defect_class]
+            own = [ex for ex in exemplars if ex.defect_class == defect_class]
             if not own:
                 logger.warning("no %r masks among the exemplars: placing every mask as %r", defect_class,
                                defect_class)
-            masks_only = own or masks_only
-        try:
-            self.placer = MaskGuidedPlacer(masks_only, blend_mode="alpha", foreground=foreground,
-                                           **(placement or {}))
-        except TypeError as exc:
-            raise InputError(f"method_params.placement: {exc}; see synth.placement.MaskGuidedPlacer for the "
-                             f"options (scale, rotation, min_inside, ...).") from None
+            exemplars = own or exemplars
+        self.placer = mask_placer(exemplars, foreground, placement)
+        masks_only = self.placer.exemplars
         self.references: dict[str, list[TrainingPair]] = {}
         for ref in references:
             self.references.setdefault(ref.defect_class, []).append(ref)
@@ -220,11 +211,7 @@ class CSMGenerator:
                              f"{sorted(self.references) or 'none'}. Pass references of those classes "
                              f"(method_params.references: a labeled defect set, or --defects with the masks).")
 
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dtype == "auto":
-            self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        else:
-            self.dtype = getattr(torch, dtype)
+        self.device, self.dtype = device_and_dtype(device, dtype)
         # CLIP first: it is small, so a missing checkpoint fails before the large SD model is read.
         checkpoint = clip_checkpoint or meta.get("clip_checkpoint")
         self.clip = load_clip_encoder(meta.get("clip_model") or DEFAULT_CLIP_MODEL,
@@ -240,7 +227,7 @@ class CSMGenerator:
         self.adapter.install(components.unet)  # raises when the UNet is not the one trained with
         self.adapter.fusion.to(self.device)  # fusion runs in float32; the processors follow the pipeline's dtype
         self.controlnet_dir = None
-        scheduler_obj = _make_scheduler(scheduler, components.noise_scheduler.config)
+        scheduler_obj = make_scheduler(scheduler, components.noise_scheduler.config)
         common = dict(vae=components.vae, text_encoder=components.text_encoder, tokenizer=components.tokenizer,
                       unet=components.unet, scheduler=scheduler_obj, safety_checker=None, feature_extractor=None,
                       requires_safety_checker=False)
@@ -287,10 +274,7 @@ class CSMGenerator:
         import torch
         from PIL import Image
 
-        from synth.diffusion.controlnet import latent_region, pixel_region
-
-        f = self.vae_scale_factor
-        region = pixel_region(latent_region(torch.from_numpy(touched)[None, None].float(), f), f)[0, 0].numpy() > 0.5
+        region = repaint_region(touched, self.vae_scale_factor)
         kwargs: dict[str, Any] = {}
         if self.controlnet_dir is not None:
             control = np.repeat((shape.astype(np.uint8) * 255)[:, :, None], 3, axis=2)
@@ -304,14 +288,10 @@ class CSMGenerator:
                 width=self.resolution, strength=self.strength, num_inference_steps=self.num_inference_steps,
                 guidance_scale=self.guidance_scale, generator=generator, output_type="np", **kwargs,
             ).images[0]
-        return np.clip(np.rint(np.asarray(result, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+        return to_uint8(result)
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> Any:
         """Place a real defect mask on ``image`` and inpaint a new, CSM-guided defect there."""
-        import cv2
-
-        from synth.generate import GeneratedDefect
-
         placed = self.placer(image, rng)
         mask = placed.mask
         defect_class = self.defect_class or placed.defect_class
@@ -324,11 +304,7 @@ class CSMGenerator:
         size = self.resolution
         shape, touched = resize_mask(mask, size)
         generated = self._inpaint(resize_image(image, size), shape, touched, prompt, tokens, seed)
-        h, w = image.shape[:2]
-        if (h, w) != (size, size):
-            generated = cv2.resize(generated, (w, h), interpolation=cv2.INTER_CUBIC if max(h, w) > size
-                                   else cv2.INTER_AREA)
-        out = np.where(mask[:, :, None], generated, image)  # exact composite: outside the mask = the input
+        out = composite(image, generated, mask)
         params = {
             "defect_class": defect_class,
             "prompt": prompt,
@@ -345,7 +321,7 @@ class CSMGenerator:
             "adapter": str(self.adapter_dir),
             "controlnet": None if self.controlnet_dir is None else str(self.controlnet_dir),
             "pretrained": str(self.pretrained),
-            "placement": {k: v for k, v in placed.params.items() if k not in _PAINT_KEYS},
+            "placement": {k: v for k, v in placed.params.items() if k not in PAINT_KEYS},
         }
         return GeneratedDefect(image=out, mask=mask, defect_class=defect_class, params=params)
 
@@ -368,7 +344,7 @@ def build_csm_generator(
         ConfigError: a bad ``method_params`` key or value (named).
         InputError: no ``--masks``, no references, missing adapter/ControlNet folders, unusable masks.
     """
-    from synth.generate import load_exemplars
+    from synth.paste import load_exemplars
 
     cfg = validate_config(CSMGenerateConfig, dict(params), source="method_params")
     if masks_dir is None:
@@ -391,3 +367,12 @@ def build_csm_generator(
         controlnet_scale=cfg.controlnet_scale, resolution=cfg.resolution, scheduler=cfg.scheduler,
         device=cfg.device, dtype=cfg.dtype, foreground=foreground, placement=cfg.placement,
     )
+
+
+def _from_generate_config(cfg: Any, skipped: list[str]) -> Any:
+    return build_csm_generator(cfg.method_params, cfg.masks, cfg.defects, foreground=cfg.foreground, strict=cfg.strict,
+                              skipped=skipped)
+
+
+register_generator("csm", from_config=_from_generate_config, needs_masks=True, single_process=True,
+                   summary="Stable Diffusion inpainting guided by the reference defects (CSM)")

@@ -59,7 +59,7 @@ def denoising_inputs(components: Any, pixels: torch.Tensor, touched: torch.Tenso
     """
     import torch
 
-    from synth.diffusion.controlnet import latent_region, pixel_region
+    from synth.diffusion.inpainting import latent_region, pixel_region
 
     vae, noise_scheduler, vsf = components.vae, components.noise_scheduler, components.vae_scale_factor
     scaling = vae.config.scaling_factor

@@ -9,7 +9,7 @@ teacher restarts from the source teacher at every fit.
 
 Negatives. The paper trains one-class (all positions normal) or supervised (labeled anomalies pushed away by
 the margin term). Here every mini-batch of B normal images gets ``ceil(negative_ratio * B)`` synthetic
-anomalies made by synth's augmenters (``negatives``: names from ``synth.augment.AUGMENTERS``, DRAEM and
+anomalies made by synth's augmenters (``negatives``: names of ``synth.generators``, DRAEM and
 CutPaste by default; DRAEM textures from ``anomaly_source`` or the image itself) from copies of images of the
 batch, with their masks. Their positives are the clean copy's teacher features and, at the anomalous
 positions, the anomaly's own teacher feature is a negative. When ``fit(..., anomalies=...)`` gives labeled
@@ -51,8 +51,8 @@ from detect.models.components.training import TrainingConfig, check_training_con
 from detect.models.distillation.reverse_distillation.torch_model import reset_parameters
 from detect.models.distillation.uninet.torch_model import UniNetModel, uninet_loss
 from detect.registry import register
-from synth.augment import AUGMENTERS, Augmenter
 from synth.errors import ConfigError
+from synth.generators import DefectGenerator, make_generator
 
 DFS_MODES = ("train", "both", "off")
 # Augmenters that always add a defect (CutPaste3Way may return a normal image and is left out).
@@ -158,15 +158,10 @@ class UniNet(Detector):
                            decoder_blocks=cfg.decoder_blocks, dfs_inference=cfg.dfs == "both", alpha=cfg.alpha,
                            beta=cfg.beta, blur_sigma=cfg.blur_sigma)
 
-    def _augmenters(self) -> list[Augmenter]:
+    def _augmenters(self) -> list[DefectGenerator]:
         cfg = self.config
-        made: list[Augmenter] = []
-        for name in cfg.negatives:
-            if name == "draem":
-                made.append(AUGMENTERS[name](anomaly_source=cfg.anomaly_source, p_anomaly=1.0))
-            else:
-                made.append(AUGMENTERS[name]())
-        return made
+        return [make_generator(name, anomaly_source=cfg.anomaly_source) if name == "draem" else make_generator(name)
+                for name in cfg.negatives]
 
     def _real_anomalies(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The labeled anomalies of this fit as (M, 3, S, S) pixels and (M, S, S) masks, or None."""
