@@ -6,7 +6,8 @@ A detector is two parts, as in Anomalib: a plain ``torch.nn.Module`` (``self.mod
 model — and the training logic in the Detector subclass (``_fit``). No Lightning.
 
 Saved models are a folder: ``config.json`` (model name, config, calibration) and ``model.safetensors``
-(every tensor of the module, memory banks and statistics included). Loading never unpickles anything.
+(every tensor of the module, memory banks and statistics included), written and read by :mod:`detect.persistence`.
+Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ from detect.calibration import (
     fold_indices,
 )
 from detect.data import ImageInput, iter_batches, load_rgb, load_tensor, resize_mask, resolve_images
+from detect.persistence import FORMAT_VERSION, load_state_with_buffers, write_model_folder
 from detect.threshold import Calibration, calibrate
 from synth.defect_set import DefectSet, read_defect_set
 from synth.errors import ConfigError, InputError
-from synth.io import write_json
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
@@ -474,45 +472,16 @@ class Detector:
         """Write ``config.json`` + ``model.safetensors`` into the folder ``path`` (atomically, file by file)."""
         if not self.fitted:
             raise InputError(f"{self.name}: refusing to save an unfitted model; call fit() first.")
-        path = Path(path)
-        save_module_weights(self.model, path / WEIGHTS_FILE)
-        write_json(path / CONFIG_FILE, {
+        return write_model_folder(Path(path), self.model, {
             "format_version": FORMAT_VERSION,
             "model": self.name,
             "config": asdict(self.config),
             "calibration": self.calibration.to_dict() if self.calibration else None,
         })
-        return path
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load a state dict whose data-dependent buffers (memory banks, statistics) may differ in shape."""
-        own = self.model.state_dict()
-        missing = sorted(set(own) - set(tensors))
-        unexpected = sorted(set(tensors) - set(own))
-        if missing or unexpected:
-            raise InputError(f"{self.name}: saved weights do not match the model (missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}); was it saved by another model or version?")
-        for key, value in tensors.items():
-            if own[key].shape != value.shape:
-                module_name, _, leaf = key.rpartition(".")
-                module = self.model.get_submodule(module_name) if module_name else self.model
-                if leaf not in module._buffers:
-                    raise InputError(f"{self.name}: parameter {key} has shape {tuple(value.shape)} in the file "
-                                     f"but {tuple(own[key].shape)} in the model built from config.json.")
-                module._buffers[leaf] = torch.empty_like(value)
-        self.model.load_state_dict(tensors, strict=True)
-        self.model.eval()
-
-
-def save_module_weights(module: nn.Module, path: Path) -> None:
-    """Every tensor of ``module`` (parameters and buffers) as safetensors, written atomically to ``path``."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+        load_state_with_buffers(self.model, tensors, self.name)
 
 
 def _image_name(item: ImageInput, index: int) -> str:

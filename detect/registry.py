@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import logging
 import pkgutil
 from pathlib import Path
 from typing import Any
 
-from detect.base import CONFIG_FILE, FORMAT_VERSION, WEIGHTS_FILE, Detector, set_model_lister
+from detect.base import Detector, set_model_lister
+from detect.persistence import WEIGHTS_FILE, read_detector_record, read_weights
 from synth.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -79,27 +79,10 @@ def create(name: str, **config: Any) -> Detector:
 
 def load(path: str | Path) -> Detector:
     """Load a detector saved with ``Detector.save`` (safetensors + JSON; nothing is unpickled)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
-    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-    for required in (config_path, weights_path):
-        if not required.is_file():
-            raise InputError(f"{required}: missing; {path} is not a saved model folder (detect fit --out ...).")
-    try:
-        meta = json.loads(config_path.read_text(encoding="utf-8"))
-        name, config = meta["model"], meta["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise InputError(f"{config_path}: corrupted model config ({exc}); re-save the model.") from None
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise InputError(f"{config_path}: saved by a newer PixelVision (format {meta['format_version']}).")
-    detector = get_model_class(name)(_loading=True, **config)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise InputError(f"{weights_path}: corrupted weights file ({exc}); re-save the model.") from None
-    detector.load_tensors(tensors)
+    meta = read_detector_record(path)
+    detector = get_model_class(meta["model"])(_loading=True, **meta["config"])
+    detector.load_tensors(read_weights(path / WEIGHTS_FILE))
     if meta.get("calibration"):
         from detect.threshold import Calibration
 

@@ -19,10 +19,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from detect.base import CONFIG_FILE, WEIGHTS_FILE, Detector
+from detect.base import Detector
 from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_map, resize_mask
 from detect.metrics import auroc, evaluate, roc_points
+from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
 from detect.registry import create, load
 from synth.defect_set import GOOD, read_defect_set
 from synth.errors import ConfigError, InputError

@@ -22,7 +22,8 @@ import pytest
 import yaml
 from helpers import tree_digest
 
-from detect.base import CONFIG_FILE, WEIGHTS_FILE, Detector
+from detect.base import Detector
+from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
 from detect.runner import fit_model
 from synth.toyset import load_texture, plant_defect, random_crop
 

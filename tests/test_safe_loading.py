@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import detect
-from detect.base import CONFIG_FILE, WEIGHTS_FILE
+from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
 from synth.backbones import read_weights_file
 from synth.config import read_yaml
 from synth.defect_set import MANIFEST_NAME, read_defect_set

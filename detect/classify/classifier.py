@@ -36,15 +36,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from tqdm import tqdm
 
-from detect.base import save_module_weights
 from detect.classify.metrics import classification_metrics
 from detect.classify.torch_model import ClassifierModel
 from detect.data import ImageInput, load_rgb
+from detect.persistence import WEIGHTS_FILE, read_weights, write_model_folder
 from synth.backbones import create_backbone, imagenet_normalization
 from synth.config import StrictModel, validate_config
 from synth.defect_set import GOOD, DefectSet, read_defect_set
 from synth.errors import InputError
-from synth.io import read_json_if_exists, write_json
+from synth.io import read_json_if_exists
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,6 @@ __all__ = ["ClassPrediction", "ClassifierConfig", "DefectClassifier", "LabeledIm
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "classifier.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 class ClassifierConfig(StrictModel):
@@ -326,19 +325,13 @@ class DefectClassifier:
         """Write ``classifier.json`` + ``model.safetensors`` into the folder ``path`` (each file atomically)."""
         if self.model is None:
             raise InputError("refusing to save an unfitted classifier; call fit() first.")
-        path = Path(path)
-        save_module_weights(self.model, path / WEIGHTS_FILE)
-        write_json(path / CONFIG_FILE, {"format_version": FORMAT_VERSION, "kind": "defect-classifier",
-                                        "classes": self.classes, "config": self.config.model_dump(mode="json"),
-                                        "training": self.history})
-        return path
+        return write_model_folder(Path(path), self.model, {
+            "format_version": FORMAT_VERSION, "kind": "defect-classifier", "classes": self.classes,
+            "config": self.config.model_dump(mode="json"), "training": self.history}, record_file=CONFIG_FILE)
 
     @classmethod
     def load(cls, path: str | Path) -> DefectClassifier:
         """A saved classifier (no download: the weights file supplies every tensor)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
         meta = read_json_if_exists(path / CONFIG_FILE)
         if not isinstance(meta, dict) or meta.get("kind") != "defect-classifier":
@@ -355,11 +348,7 @@ class DefectClassifier:
         backbone = create_backbone(config.backbone, pretrained=False, num_classes=len(classifier.classes))
         mean, std = imagenet_normalization(config.backbone)
         model = ClassifierModel(backbone, mean, std)
-        try:
-            tensors = load_file(str(path / WEIGHTS_FILE))
-        except (OSError, SafetensorError) as exc:
-            raise InputError(f"{path / WEIGHTS_FILE}: not a readable safetensors file ({exc}); save the classifier "
-                             f"again.") from None
+        tensors = read_weights(path / WEIGHTS_FILE, fix="save the classifier again")
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:
