@@ -18,6 +18,27 @@ def brick_set(tmp_path_factory):
     return make_texture_defect_set(tmp_path_factory.mktemp("brick_set"), texture="brick", seed=0)
 
 
+@pytest.fixture(scope="session")
+def test_split_at(brick_set):
+    """``split(size)``: the brick_set test split (paths, labels, masks at ``size``), built once per size."""
+    from helpers import split_of
+
+    cache: dict[int, tuple] = {}
+
+    def split(size: int = 64) -> tuple:
+        if size not in cache:
+            cache[size] = split_of(brick_set, size)
+        return cache[size]
+
+    return split
+
+
+@pytest.fixture(scope="session")
+def test_split(test_split_at):
+    """The brick_set test split at 64 px: 24 image paths, their labels, (24, 64, 64) masks."""
+    return test_split_at(64)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``):

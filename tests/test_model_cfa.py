@@ -1,4 +1,5 @@
-"""CFA (coupled-hypersphere feature adaptation): learns on brick crops, round-trips, is deterministic."""
+"""CFA (coupled-hypersphere feature adaptation): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.feature_adaptation.cfa import Cfa
 from detect.models.feature_adaptation.cfa.detector import cfa_loss, nearest_sq_distances
-from synth.errors import ConfigError
 
 SIZE = 64
 CONFIG = {"image_size": SIZE, "epochs": 10, "seed": 0}
@@ -22,23 +22,9 @@ IMAGE_AUROC_BAR = 0.95
 PIXEL_AUROC_BAR = 0.93
 
 
-def _test_split(dataset):
-    samples = dataset.select(split="test")
-    paths = [dataset.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(dataset.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
-
-
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Cfa(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    return _test_split(brick_set)
 
 
 @pytest.fixture(scope="module")
@@ -70,22 +56,6 @@ def test_learns_image_and_pixel_auroc(prediction, test_split):
     assert prediction.labels is not None  # calibrated
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "cfa")
-    loaded = detect.load(tmp_path / "cfa")
-    assert isinstance(loaded, Cfa)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(fitted, prediction, test_split, brick_set):
-    again = Cfa(**CONFIG).fit(brick_set, progress=False)
-    assert again.history == fitted.history
-    np.testing.assert_array_equal(again.predict(test_split[0]).scores, prediction.scores)
-
-
 def test_loss_terms():
     # A patch on one of two memory features: squared distances 0 (nearest) and 0.04 (next). With K=1, J=1,
     # r=0.5: attraction max(0, 0 - r^2) = 0, repulsion max(0, r^2 - 0.04 - alpha) = 0.11. With K=2, J=0, r=0:
@@ -96,20 +66,6 @@ def test_loss_terms():
     torch.testing.assert_close(nearest, torch.tensor([[[0.0, 0.04]]]))
     assert cfa_loss(nearest, 1, 1, radius=0.5, alpha=0.1).item() == pytest.approx(0.25 - 0.04 - 0.1)
     assert cfa_loss(nearest, 2, 0, radius=0.0, alpha=0.1).item() == pytest.approx(0.04)
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("weight_decay", -1.0), ("gamma_c", 0), ("gamma_d", 0), ("k_nearest", 0),
-    ("j_repulsion", -1), ("radius", -0.1), ("alpha", -0.1), ("layers", []),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Cfa(**{key: value})
-
-
-def test_gamma_d_larger_than_channels():
-    with pytest.raises(ConfigError, match="key 'gamma_d'"):
-        Cfa(gamma_d=10_000)
 
 
 @pytest.mark.real_data

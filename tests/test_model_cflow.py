@@ -1,8 +1,8 @@
-"""CFlow (CFLOW-AD, conditional flows on fibers): learns on brick crops, round-trips, CLI, bad config values."""
+"""CFlow (CFLOW-AD, conditional flows on fibers): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import detect
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.flow.cflow import Cflow
 from detect.models.flow.cflow.torch_model import positional_encoding_2d
-from synth.errors import ConfigError
 
 SIZE = 64
 CONFIG = {"image_size": SIZE, "epochs": 5, "seed": 0}
@@ -28,16 +26,6 @@ PIXEL_AUROC_BAR = 0.95
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Cflow(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -91,42 +79,6 @@ def test_scores_do_not_depend_on_the_batch(fitted, prediction, test_split):
     # The reference normalises by maxima over the test set; fixed training normalisers keep scores per image.
     alone = fitted.predict(test_split[0][:5], batch_size=1)
     np.testing.assert_allclose(alone.scores, prediction.scores[:5], rtol=1e-5, atol=1e-6)
-
-
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "cflow")
-    loaded = detect.load(tmp_path / "cflow")
-    assert isinstance(loaded, Cflow)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", -1.0), ("coupling_blocks", 0), ("clamp", 0.0), ("condition_vector", 130),
-    ("fiber_batch_size", 1), ("layers", []), ("permute_soft", "no"), ("actnorm_init", 1), ("blur_sigma", 99.0),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Cflow(**{key: value})
-
-
-def test_cli_fit_predict_eval_and_seeded(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "cflow", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    images = [brick_set.image_path(s) for s in brick_set.select(split="test")][:3]
-    assert detect_main(["predict", "-q", "--model-dir", str(out), *map(str, images), "--out",
-                        str(tmp_path / "pred")]) == 0
-    assert (tmp_path / "pred" / "scores.csv").is_file()
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "cflow" and np.isfinite(metrics["image_auroc"])
-    # Same seed, same model: the CLI-trained model equals one trained in process with the same options.
-    again = Cflow(image_size=64, epochs=2).fit(brick_set.root, progress=False)
-    np.testing.assert_array_equal(detect.load(out).predict(images).scores, again.predict(images).scores)
 
 
 @pytest.mark.real_data

@@ -1,8 +1,8 @@
-"""CS-Flow (cross-scale normalizing flow): invertible with exact log-det, learns on brick crops, round-trips."""
+"""CS-Flow (cross-scale normalizing flow): invertible with exact log-det, learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -11,12 +11,10 @@ import pytest
 import torch
 
 import detect
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.flow.csflow import CsFlow
 from detect.models.flow.csflow.cross_scale import CrossScaleFlow, nll_loss, soft_clamp
-from synth.errors import ConfigError
 
 SIZE = 64
 # Small subnetworks and a higher learning rate than the paper's 2e-4 so that 80 Adam steps (20 epochs of 13 images
@@ -30,23 +28,9 @@ PIXEL_AUROC_BAR = 0.85
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _test_split(dataset):
-    samples = dataset.select(split="test")
-    paths = [dataset.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(dataset.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
-
-
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return CsFlow(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    return _test_split(brick_set)
 
 
 @pytest.fixture(scope="module")
@@ -138,49 +122,6 @@ def test_learns_image_and_pixel_auroc(prediction, test_split):
     assert auroc(prediction.scores, labels) >= IMAGE_AUROC_BAR
     assert auroc(prediction.anomaly_maps, masks) >= PIXEL_AUROC_BAR
     assert prediction.labels is not None  # calibrated
-
-
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "csflow")
-    loaded = detect.load(tmp_path / "csflow")
-    assert isinstance(loaded, CsFlow)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(brick_set, test_split):
-    quick = {**CONFIG, "epochs": 2}
-    first, second = CsFlow(**quick).fit(brick_set, progress=False), CsFlow(**quick).fit(brick_set, progress=False)
-    assert first.history == second.history
-    np.testing.assert_array_equal(first.predict(test_split[0]).scores, second.predict(test_split[0]).scores)
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("layers", [2, 3]), ("layers", []), ("n_scales", 1), ("n_coupling_blocks", 0),
-    ("hidden_channels", 0), ("clamp", 0.0), ("feature_pool", 2), ("weight_decay", -1.0), ("adam_eps", 0.0),
-    ("clip_grad_norm", 0.0), ("blur_sigma", -1.0),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        CsFlow(**{key: value})
-
-
-def test_too_many_scales_for_the_image_size():
-    with pytest.raises(ConfigError, match="key 'n_scales'"):
-        CsFlow(image_size=64, n_scales=4)  # the 1/8 scale would be 8 px
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "csflow", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    assert detect.load(out).name == "csflow"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "csflow" and 0.0 <= metrics["image_auroc"] <= 1.0
 
 
 @pytest.mark.real_data

@@ -1,5 +1,5 @@
-"""Dinomaly: learns on brick crops with a tiny random ViT, one model for two textures, offline weights handling,
-round-trips, is deterministic.
+"""Dinomaly: learns on brick crops with a tiny random ViT, one model for two textures, offline weights handling.
+Round trip, same seed, CLI and config errors: test_detector_contract.py.
 
 DINOv2 weights cannot be downloaded here, so every learning test builds a tiny, randomly initialised DINOv2-
 architecture ViT (``pretrained=False`` + ``encoder_kwargs``) through exactly the factory and code path the real
@@ -9,16 +9,14 @@ starts at 1e-5, so random blocks barely change the tokens), which is why the bar
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import timm
 import torch
+from helpers import split_of
 
 import detect
-from detect.cli import main as detect_main
-from detect.data import resize_mask, resolve_images
+from detect.data import resolve_images
 from detect.metrics import auroc
 from detect.models.reconstruction.dinomaly import Dinomaly
 from detect.models.reconstruction.dinomaly.detector import DEFAULT_ENCODER, encoder_input_size
@@ -50,20 +48,6 @@ LOSS_FACTOR = 0.15
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Dinomaly(**CONFIG).fit(brick_set, progress=False)
-
-
-def split_of(dataset):
-    samples = dataset.select(split="test")
-    paths = [dataset.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(dataset.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    return split_of(brick_set)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +87,7 @@ def two_texture_results(model: Dinomaly, datasets: dict) -> dict[str, tuple[floa
     """Image and pixel AUROC of one model on the test split of each dataset."""
     results = {}
     for name, dataset in datasets.items():
-        paths, labels, masks = split_of(dataset)
+        paths, labels, masks = split_of(dataset, SIZE)
         prediction = model.predict(paths)
         assert np.isfinite(prediction.scores).all() and np.isfinite(prediction.anomaly_maps).all()
         results[name] = auroc(prediction.scores, labels), auroc(prediction.anomaly_maps.ravel(), masks.ravel())
@@ -200,22 +184,9 @@ def test_one_model_for_two_textures_pretrained_encoder(brick_set, gravel_set, tm
     assert results["gravel"][0] >= 0.75 and results["gravel"][1] >= 0.75
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "dinomaly")
-    loaded = detect.load(tmp_path / "dinomaly")
-    assert isinstance(loaded, Dinomaly)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(brick_set, test_split):
-    short = {**CONFIG, "epochs": 2}
-    first, second = (Dinomaly(**short).fit(brick_set, progress=False) for _ in range(2))
-    assert first.history == second.history
-    np.testing.assert_array_equal(first.predict(test_split[0]).scores, second.predict(test_split[0]).scores)
-    other = Dinomaly(**{**short, "seed": 1})
+def test_another_seed_draws_another_random_encoder():
+    # Same seed, same model (fit, CLI, round trip): test_detector_contract.py.
+    first, other = (Dinomaly(**{**TINY_CONFIG, "seed": seed}) for seed in (0, 1))
     assert not torch.equal(other.model.encoder.vit.pos_embed, first.model.encoder.vit.pos_embed)
 
 
@@ -293,27 +264,3 @@ def test_local_weights_file_is_loaded_and_resampled(tmp_path):
         Dinomaly(**{**TINY_CONFIG, "encoder_kwargs": {**TINY, "embed_dim": 32}, "weights": str(path)})
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("final_lr", 1.0), ("encoder", "no_such_vit"), ("encoder", "resnet18"),
-    ("encoder_layers", []), ("encoder_layers", [3, 1]), ("encoder_layers", [0, 9]), ("num_groups", 0),
-    ("num_groups", 5), ("encoder_size", -14), ("bottleneck_dropout", 1.0), ("hard_mining_p", 1.0),
-    ("hard_mining_factor", 2.0), ("topk_ratio", 0.0), ("blur_sigma", -1.0), ("encoder_kwargs", {"depth": "x"}),
-    ("clip_grad_norm", 0.0), ("warmup_fraction", 1.0),
-])
-def test_bad_config_names_the_key(key, value):
-    config = {"image_size": SIZE, "pretrained": False} if key == "encoder" else TINY_CONFIG
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Dinomaly(**{**config, key: value})
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    tiny = "{embed_dim: 64, depth: 4, num_heads: 2, patch_size: 8}"
-    assert detect_main(["fit", "-q", "--model", "dinomaly", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2", "--set", "pretrained=false",
-                        "--set", f"encoder_kwargs={tiny}", "--set", "encoder_layers=[0, 1, 2, 3]"]) == 0
-    assert detect.load(out).name == "dinomaly"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0

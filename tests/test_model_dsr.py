@@ -1,9 +1,7 @@
-"""DSR (dual subspace re-projection): three training stages on brick crops, quantizer and anomaly sampler units,
-round trip, determinism, config errors and the CLI."""
+"""DSR (dual subspace re-projection): three training stages on brick crops, quantizer and anomaly sampler units.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
@@ -11,7 +9,6 @@ import torch
 
 import detect
 import synth.masks
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.reconstruction.dsr import Dsr
@@ -22,7 +19,6 @@ from detect.models.reconstruction.dsr.torch_model import (
     focal_loss,
     replace_with_distant_codes,
 )
-from synth.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -57,20 +53,6 @@ LEARNING_CONFIG = {"image_size": SIZE, "seed": 0, "batch_size": 4, "embedding_di
 # seed 2: 0.914 / 0.908 (the detection module's progress at this budget still depends on the seed).
 IMAGE_AUROC_BAR = 0.8
 PIXEL_AUROC_BAR = 0.75
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    return paths, labels
-
-
-@pytest.fixture(scope="module")
-def test_masks(brick_set):
-    return np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                     for s in brick_set.select(split="test")])
 
 
 @pytest.fixture(scope="module")
@@ -179,10 +161,10 @@ def test_training_losses_decrease(fitted):
     assert fitted.upsampling_history[-1] < fitted.upsampling_history[0]
 
 
-def test_learns_anomaly_maps_on_planted_defects(prediction, test_masks):
+def test_learns_anomaly_maps_on_planted_defects(prediction, test_split):
     """The anomaly maps localise real (planted) spots and scratches the model never saw: pixel AUROC >= 0.75,
     0.25 above chance."""
-    assert auroc(prediction.anomaly_maps, test_masks) >= MAP_PIXEL_AUROC_BAR
+    assert auroc(prediction.anomaly_maps, test_split[2]) >= MAP_PIXEL_AUROC_BAR
 
 
 def test_detection_module_segments_held_out_feature_anomalies(fitted, brick_set):
@@ -204,30 +186,11 @@ def test_detection_module_segments_held_out_feature_anomalies(fitted, brick_set)
 
 
 def test_prediction_schema(prediction, test_split):
-    paths, _ = test_split
+    paths = test_split[0]
     assert prediction.scores.shape == (len(paths),)
     assert prediction.anomaly_maps.shape == (len(paths), SIZE, SIZE)
     assert ((prediction.anomaly_maps >= 0) & (prediction.anomaly_maps <= 1)).all()
     assert prediction.labels is not None  # calibrated
-
-
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "dsr")
-    loaded = detect.load(tmp_path / "dsr")
-    assert isinstance(loaded, Dsr)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(brick_set, test_split):
-    short = {**TINY, "vq_epochs": 1, "epochs": 1, "upsampling_epochs": 1}
-    first, second = (Dsr(**short).fit(brick_set, progress=False) for _ in range(2))
-    assert first.vq_history == second.vq_history
-    assert first.history == second.history
-    assert first.upsampling_history == second.upsampling_history
-    np.testing.assert_array_equal(first.predict(test_split[0]).scores, second.predict(test_split[0]).scores)
 
 
 def test_score_kernel_scales_with_image_size():
@@ -236,36 +199,11 @@ def test_score_kernel_scales_with_image_size():
     assert Dsr(image_size=64, score_kernel=3).model.score_kernel == 3
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("image_size", 48), ("image_size", 96 + 8), ("embedding_dim", 2), ("num_embeddings", 8),
-    ("num_residual_layers", -1), ("vq_epochs", 0), ("epochs", 0), ("upsampling_epochs", 0), ("vq_lr", 0.0),
-    ("lr", 0.0), ("upsampling_lr", -1.0), ("commitment_cost", -0.1), ("ema_decay", 1.0), ("vq_augment", 1.5),
-    ("p_anomaly", 0.0), ("anomaly_strength", 0.05), ("anomaly_strength", 1.5), ("anomaly_source", ""),
-    ("score_kernel", 4), ("segmentation_width", 0),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Dsr(**{key: value})
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    tiny = [f"{k}={v}" for k, v in TINY.items() if k not in ("image_size", "seed")]
-    sets = [arg for item in [*tiny, "vq_epochs=1", "upsampling_epochs=1"] for arg in ("--set", item)]
-    assert detect_main(["fit", "-q", "--model", "dsr", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2", *sets]) == 0
-    assert detect.load(out).name == "dsr"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0
-
-
 @pytest.mark.slow
 def test_learns_image_auroc(brick_set, test_split):
     """DSR needs many optimiser steps before its anomaly detection module separates the two reconstructions;
     the fast fixture above (about 10 s of training) only shows that every stage learns its own loss."""
-    paths, labels = test_split
+    paths, labels, _ = test_split
     masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
                       for s in brick_set.select(split="test")])
     model = Dsr(**LEARNING_CONFIG).fit(brick_set, progress=False)

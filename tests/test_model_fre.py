@@ -1,8 +1,8 @@
-"""FRE (feature reconstruction error of a tied linear autoencoder): learns on brick crops, round-trips."""
+"""FRE (feature reconstruction error of a tied linear autoencoder): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import detect
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.reconstruction.fre import Fre
 from detect.models.reconstruction.fre.torch_model import TiedAutoencoder
-from synth.errors import ConfigError
 
 SIZE = 64
 CONFIG = {"image_size": SIZE, "epochs": 60, "seed": 0}
@@ -29,16 +27,6 @@ LOSS_FACTOR = 0.05
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Fre(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +68,6 @@ def test_score_is_the_total_feature_reconstruction_error(fitted):
     torch.testing.assert_close(scores, expected)
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "fre")
-    loaded = detect.load(tmp_path / "fre")
-    assert isinstance(loaded, Fre)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(fitted, prediction, test_split, brick_set):
-    again = Fre(**CONFIG).fit(brick_set, progress=False)
-    assert again.history == fitted.history
-    np.testing.assert_array_equal(again.predict(test_split[0]).scores, prediction.scores)
-
-
 def test_tied_autoencoder_shares_its_weight():
     ae = TiedAutoencoder(4, 2)
     with torch.no_grad():
@@ -103,33 +75,6 @@ def test_tied_autoencoder_shares_its_weight():
     x = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     # Encoder W, decoder W^T: the projection onto the first two coordinates.
     torch.testing.assert_close(ae(x), torch.tensor([[1.0, 2.0, 0.0, 0.0]]))
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("pooling", 0), ("latent_dim", 0), ("score_mode", "mean"), ("blur_sigma", -1.0),
-    ("layers", [2, 3]), ("layers", []),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Fre(**{key: value})
-
-
-@pytest.mark.parametrize(("key", "value"), [("latent_dim", 449), ("pooling", 5)])
-def test_sizes_beyond_the_features_name_the_key(key, value):
-    # At 64 px layer 3 is 112 x 4 x 4: pooling at most 4; with pooling 2, latent_dim at most 448.
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Fre(image_size=SIZE, pretrained=False, **{key: value})
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "fre", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    assert detect.load(out).name == "fre"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0
 
 
 @pytest.mark.real_data

@@ -1,8 +1,8 @@
-"""STFPM (student-teacher feature pyramid matching): learns on brick crops, round-trips, is deterministic."""
+"""STFPM (student-teacher feature pyramid matching): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +10,10 @@ import pytest
 import torch
 
 import detect
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.distillation.stfpm import Stfpm
 from detect.models.distillation.stfpm.torch_model import layer_distance, stfpm_loss
-from synth.errors import ConfigError
 
 SIZE = 64
 # Paper's SGD (lr 0.4, momentum 0.9, wd 1e-4); batch 4 gives 4 steps per epoch on the 13 training crops.
@@ -29,16 +27,6 @@ LOSS_FACTOR = 0.3
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Stfpm(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -68,23 +56,6 @@ def test_learns_image_auroc(prediction, test_split):
     assert prediction.labels is not None  # calibrated
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "stfpm")
-    loaded = detect.load(tmp_path / "stfpm")
-    assert isinstance(loaded, Stfpm)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
-
-
-def test_same_seed_same_model(brick_set, test_split):
-    short = {**CONFIG, "epochs": 2}
-    first, second = (Stfpm(**short).fit(brick_set, progress=False) for _ in range(2))
-    assert first.history == second.history
-    np.testing.assert_array_equal(first.predict(test_split[0]).scores, second.predict(test_split[0]).scores)
-
-
 def test_loss_and_map_terms():
     # Unit vectors along x and y: 0.5 * |t - s|^2 = 1 - cos = 1; equal directions (any length): 0.
     t = torch.tensor([1.0, 0.0]).view(1, 2, 1, 1)
@@ -92,26 +63,6 @@ def test_loss_and_map_terms():
     assert layer_distance(t, s).item() == pytest.approx(1.0)
     assert layer_distance(t, 5 * t).item() == pytest.approx(0.0)
     assert stfpm_loss([t, t], [s, 2 * t]).item() == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("optimizer", "rmsprop"), ("momentum", 1.0), ("weight_decay", -1.0),
-    ("map_mode", "max"), ("blur_sigma", -1.0), ("layers", []), ("layers", [3, 1]),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Stfpm(**{key: value})
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "stfpm", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    assert detect.load(out).name == "stfpm"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0
 
 
 @pytest.mark.real_data

@@ -1,20 +1,17 @@
-"""U-Flow (U-shaped flow + NFA automatic threshold): learns on brick crops, round-trips, CLI, bad config values."""
+"""U-Flow (U-shaped flow + NFA automatic threshold): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import detect
-from detect.cli import main as detect_main
 from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.flow.uflow import Uflow
 from detect.models.flow.uflow.torch_model import binomial_log10_tail
-from synth.errors import ConfigError
 
 SIZE = 64
 CONFIG = {"image_size": SIZE, "epochs": 30, "seed": 0}
@@ -28,16 +25,6 @@ PIXEL_AUROC_BAR = 0.9
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return Uflow(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -104,45 +91,10 @@ def test_likelihood_map_option(fitted, test_split):
     np.testing.assert_array_equal(pred.scores, fitted.predict(paths).scores)
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
+def test_nfa_pixel_threshold_round_trips(fitted, tmp_path):
+    # The generic round trip (same scores, maps, masks, calibration) is in test_detector_contract.py.
     fitted.save(tmp_path / "uflow")
-    loaded = detect.load(tmp_path / "uflow")
-    assert isinstance(loaded, Uflow) and loaded.calibration.pixel_threshold == 0.0
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.masks, after.masks)
-
-
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("flow_steps", 0), ("clamp", -1.0), ("layers", [1, 3]), ("nfa_window", 0),
-    ("nfa_probability", 1.0), ("use_nfa_threshold", "yes"), ("weight_decay", -0.1), ("hidden_ratio", 0.0),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        Uflow(**{key: value})
-
-
-def test_image_size_must_give_halving_scales():
-    with pytest.raises(ConfigError, match="key 'image_size'"):
-        Uflow(image_size=72)  # stride-16 map of 72 px is 5x5, not half of the stride-8 map's 9x9
-
-
-def test_cli_fit_predict_eval_and_seeded(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "uflow", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    images = [brick_set.image_path(s) for s in brick_set.select(split="test")][:3]
-    assert detect_main(["predict", "-q", "--model-dir", str(out), *map(str, images), "--out",
-                        str(tmp_path / "pred")]) == 0
-    assert (tmp_path / "pred" / "scores.csv").is_file()
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["model"] == "uflow" and np.isfinite(metrics["image_auroc"])
-    # Same seed, same model: the CLI-trained model equals one trained in process with the same options.
-    again = Uflow(image_size=64, epochs=2).fit(brick_set.root, progress=False)
-    np.testing.assert_array_equal(detect.load(out).predict(images).scores, again.predict(images).scores)
+    assert detect.load(tmp_path / "uflow").calibration.pixel_threshold == 0.0
 
 
 @pytest.mark.real_data

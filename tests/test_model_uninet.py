@@ -1,8 +1,8 @@
-"""UniNet (contrastive reverse distillation + DFS, negatives from synth): learns on brick crops, round-trips."""
+"""UniNet (contrastive reverse distillation + DFS, negatives from synth): learns on brick crops.
+Round trip, same seed, CLI and config errors: test_detector_contract.py."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
@@ -11,8 +11,6 @@ import torch
 
 import detect
 from detect.base import AnomalySamples
-from detect.cli import main as detect_main
-from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.distillation.uninet import UniNet
 from detect.models.distillation.uninet.torch_model import (
@@ -20,7 +18,6 @@ from detect.models.distillation.uninet.torch_model import (
     uninet_loss,
     weighted_decision_scores,
 )
-from synth.errors import ConfigError
 
 SIZE = 64
 # Small student (one block per stage) and batch 4: learns in 30 epochs on the 13 training crops; the defaults
@@ -43,16 +40,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def fitted(brick_set):
     return UniNet(**CONFIG).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -88,34 +75,27 @@ def test_learns_image_and_pixel_auroc(prediction, test_split):
     assert prediction.labels is not None  # calibrated
 
 
-def test_save_load_round_trip(fitted, prediction, test_split, tmp_path):
-    fitted.save(tmp_path / "uninet")
-    loaded = detect.load(tmp_path / "uninet")
-    assert isinstance(loaded, UniNet)
-    after = loaded.predict(test_split[0])
-    np.testing.assert_array_equal(prediction.scores, after.scores)
-    np.testing.assert_array_equal(prediction.anomaly_maps, after.anomaly_maps)
-    np.testing.assert_array_equal(prediction.labels, after.labels)
+@pytest.fixture(scope="module")
+def short(brick_set):
+    return UniNet(**SHORT).fit(brick_set, progress=False)
 
 
-def test_same_seed_same_model_and_negatives_matter(brick_set, test_split):
-    first, second = (UniNet(**SHORT).fit(brick_set, progress=False) for _ in range(2))
-    assert first.history == second.history
-    np.testing.assert_array_equal(first.predict(test_split[0]).scores, second.predict(test_split[0]).scores)
+def test_negatives_and_seed_matter(brick_set, short):
+    # Same seed, same model (fit, CLI, round trip): test_detector_contract.py, with SHORT.
     # The synthetic negatives (drawn from seed) change training; without them it is one-class training.
     one_epoch = {**SHORT, "epochs": 1}
     one_class = UniNet(**one_epoch, negatives=[]).fit(brick_set, progress=False)
-    assert one_class.history[0] != first.history[0]
+    assert one_class.history[0] != short.history[0]
     other_seed = UniNet(**{**one_epoch, "seed": 1}).fit(brick_set, progress=False)
-    assert other_seed.history[0] != first.history[0]
+    assert other_seed.history[0] != short.history[0]
 
 
-def test_labeled_anomalies_are_negatives_too(brick_set, tmp_path):
+def test_labeled_anomalies_are_negatives_too(brick_set, short, tmp_path):
     # Two labeled anomalies (one with its mask, one with the image label only), as fit(anomalies=...) passes them.
     chosen = brick_set.select(anomalous=True)[:2]
     anomalies = AnomalySamples([brick_set.image_path(s) for s in chosen],
                                [brick_set.load_mask(chosen[0]), None], source="real")
-    plain = UniNet(**SHORT).fit(brick_set, progress=False)
+    plain = short
     supervised = UniNet(**SHORT).fit(brick_set, anomalies=anomalies, progress=False)
     assert supervised.history != plain.history and all(np.isfinite(supervised.history))
     assert supervised.train_anomalies is None  # not kept after fit
@@ -210,28 +190,3 @@ def test_domain_feature_selection_starts_from_the_plain_weighting():
     torch.testing.assert_close(selected, s * spatial * (1.0 + prior.mean(dim=(-2, -1), keepdim=True)))
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("epochs", 0), ("lr", 0.0), ("lr_teacher", -1.0), ("temperature", 0.0), ("lambda_weight", 1.5),
-    ("margin", -0.1), ("dfs", "always"), ("bottleneck_blocks", 0), ("decoder_blocks", [3, 4]),
-    ("negatives", ["mixup"]), ("negatives", "draem"), ("negative_ratio", 0.0), ("alpha", 0.0), ("beta", 2.0),
-    ("blur_sigma", -1.0), ("layers", [1, 2]), ("target_teacher", "yes"),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        UniNet(**{key: value})
-
-
-def test_layers_must_be_consecutive_stages():
-    with pytest.raises(ConfigError, match="key 'layers'"):
-        UniNet(layers=[1, 2, 4], pretrained=False)
-
-
-def test_cli_fit_and_eval(brick_set, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "uninet", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", "epochs=2"]) == 0
-    assert detect.load(out).name == "uninet"
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0

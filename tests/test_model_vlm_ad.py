@@ -309,16 +309,6 @@ def test_constant_answers_fall_back_to_the_verdict_threshold(server, caplog):
     assert detector.predict(train[:2]).labels.tolist() == [False, False]
 
 
-@pytest.mark.parametrize(("key", "value"), [
-    ("backend", "llama"), ("base_url", "ftp://x"), ("timeout", 0), ("max_retries", -1), ("k_shot", 9),
-    ("fallback_score", 1.5), ("image_detail", "huge"), ("workers", 0), ("defect_types", [""]), ("dtype", "int8"),
-    ("device", "tpu"), ("temperature", 3.0), ("max_tokens", 4), ("retry_backoff", -1.0),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        VlmAd(**{key: value})
-
-
 def test_key_pasted_as_env_var_name_is_not_echoed():
     with pytest.raises(ConfigError, match="key 'api_key_env'") as info:
         VlmAd(api_key_env=KEY)

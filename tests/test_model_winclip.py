@@ -13,14 +13,16 @@ import copy
 import json
 import time
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import WINCLIP_TINY_CLIP
 
 import detect
-from detect.cli import main as detect_main
-from detect.data import load_rgb, load_tensor, resize_mask
+import synth.hub
+from detect.data import load_rgb, load_tensor
 from detect.metrics import auroc
 from detect.models.foundation.winclip import WinClip, clip_loading
 from detect.models.foundation.winclip.prompting import TEMPLATES, anomalous_states, prompt_ensemble
@@ -32,15 +34,10 @@ from detect.models.foundation.winclip.torch_model import (
     window_indices,
 )
 from synth.clip_weights import cached_clip_checkpoint
-from synth.errors import ConfigError, InputError
+from synth.errors import InputError
 
 SIZE = 64
 GRID = (8, 8)  # 64 px / patch 8
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": SIZE, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
 # Measured on brick_set (k_shot 4, random tiny CLIP, seed 0): pixel AUROC of the WinCLIP+ map 0.764 (seeds 1, 2,
 # 3: 0.733, 0.748, 0.734) -- the visual association finds the planted spots/scratches even with random features.
 # Image AUROC is NOT reliably above chance with random weights (seed 0: 0.555; seeds 1, 2, 3: 0.594, 0.711,
@@ -52,7 +49,7 @@ PIXEL_AUROC_BAR = 0.7
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("clip") / "winclip-test-tiny.json"
-    path.write_text(json.dumps(TINY_CLIP))
+    path.write_text(json.dumps(WINCLIP_TINY_CLIP))
     return str(path)
 
 
@@ -69,16 +66,6 @@ def few_shot(base, brick_set):
 @pytest.fixture(scope="module")
 def zero_shot(base, brick_set):
     return WinClip(**base, k_shot=0, defect_types=["scratch", "crack"]).fit(brick_set, progress=False)
-
-
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
 
 
 @pytest.fixture(scope="module")
@@ -224,31 +211,21 @@ def test_reference_copy_scores_zero_and_planted_defect_is_found(few_shot):
 
 
 # ----- persistence, determinism -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("mode", ["few", "zero"])
-def test_save_load_round_trip(mode, few_shot, zero_shot, test_split, tmp_path):
-    fitted = few_shot if mode == "few" else zero_shot
+def test_zero_shot_save_load_round_trip(zero_shot, test_split, tmp_path):
+    # WinCLIP+ (few-shot) round trip, same seed and CLI: test_detector_contract.py; here the zero-shot state.
     probe = test_split[0][::4]  # 8 images, normal and anomalous
-    before = fitted.predict(probe)
-    fitted.save(tmp_path / "winclip")
+    before = zero_shot.predict(probe)
+    zero_shot.save(tmp_path / "winclip")
     loaded = detect.load(tmp_path / "winclip")
-    assert isinstance(loaded, WinClip) and loaded.config == fitted.config
+    assert isinstance(loaded, WinClip) and loaded.config == zero_shot.config
     after = loaded.predict(probe)
     np.testing.assert_array_equal(before.scores, after.scores)
     np.testing.assert_array_equal(before.anomaly_maps, after.anomaly_maps)
     np.testing.assert_array_equal(before.labels, after.labels)
 
 
-def test_same_seed_same_model(base, brick_set):
-    train = [brick_set.image_path(s) for s in brick_set.select(split="train")][:6]
-    probe = [brick_set.image_path(s) for s in brick_set.select(split="test", anomalous=True)][:4]
-    runs = [WinClip(**base, k_shot=2, synthetic_val=False).fit(train, val=train[:2], progress=False)
-            for _ in range(2)]
-    first, second = (r.predict(probe) for r in runs)
-    assert runs[0].reference_shots == runs[1].reference_shots
-    np.testing.assert_array_equal(first.scores, second.scores)
-    np.testing.assert_array_equal(first.anomaly_maps, second.anomaly_maps)
-    # Another seed draws other random CLIP weights.
-    assert not torch.equal(WinClip(**{**base, "seed": 1}).model.visual.proj, runs[0].model.visual.proj)
+def test_another_seed_draws_other_random_clip_weights(base):
+    assert not torch.equal(WinClip(**{**base, "seed": 1}).model.visual.proj, WinClip(**base).model.visual.proj)
 
 
 def test_local_checkpoint_file_is_loaded(base, tmp_path):
@@ -265,21 +242,6 @@ def test_local_checkpoint_file_is_loaded(base, tmp_path):
 
 
 # ----- config and errors ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("key", "value"), [
-    ("k_shot", -1), ("k_shot", 1.5), ("scales", []), ("scales", [3, 2]), ("scales", [0, 2]), ("object_name", ""),
-    ("defect_types", "scratch"), ("defect_types", [""]), ("zero_shot_image_score", "max"), ("blur_sigma", -1.0),
-    ("clip_model", ""), ("pretrained", 3),
-])
-def test_bad_config_names_the_key(key, value):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
-        WinClip(**{key: value})
-
-
-def test_windows_larger_than_the_grid_are_a_config_error(base):
-    with pytest.raises(ConfigError, match="key 'scales'"):
-        WinClip(**base, scales=[2, 9])
-
-
 def _skip_if_weights_cached():
     cfg = clip_loading.tag_config("ViT-B-16-plus-240", "laion400m_e31")
     if cfg is None or cached_clip_checkpoint(cfg) is not None:
@@ -299,9 +261,15 @@ def test_unreachable_hub_fails_fast_without_offline_variables(monkeypatch):
     _skip_if_weights_cached()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read when the suite imported it
     probed = []
-    monkeypatch.setattr(clip_loading, "hub_reachable", lambda url, timeout=3.0: probed.append(url) or False)
-    with pytest.raises(InputError, match=r"cannot be reached.*--set pretrained="):
+
+    def unreachable(url, timeout=3.0):
+        probed.append(url)
+        return False, "cannot reach the probed host"
+
+    monkeypatch.setattr(synth.hub, "network_reachable", unreachable)
+    with pytest.raises(InputError, match=r"cannot be downloaded \(cannot reach the probed host\).*--set pretrained="):
         WinClip(k_shot=0)
     assert len(probed) == 1  # one quick probe, no retries
 
@@ -331,16 +299,3 @@ def test_input_size_is_resized_to_the_clip_size(few_shot):
 
 
 # ----- CLI -------------------------------------------------------------------------------------------------------
-def test_cli_fit_and_eval(brick_set, tiny_clip, tmp_path):
-    out = tmp_path / "model"
-    assert detect_main(["fit", "-q", "--model", "winclip", "--data", str(brick_set.root), "--out", str(out),
-                        "--image-size", "64", "--set", f"clip_model={tiny_clip}", "--set", "pretrained=random",
-                        "--set", "k_shot=2", "--set", "defect_types=[scratch, crack]",
-                        "--set", "object_name=brick"]) == 0
-    loaded = detect.load(out)
-    assert loaded.name == "winclip" and loaded.config.defect_types == ["scratch", "crack"]
-    assert loaded.model.state_dict()["reference_windows_0"].shape == (2 * 49, 32)
-    assert detect_main(["eval", "-q", "--model-dir", str(out), "--data", str(brick_set.root),
-                        "--out", str(tmp_path / "eval")]) == 0
-    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert 0.0 <= metrics["image_auroc"] <= 1.0
