@@ -34,7 +34,7 @@ from timm.models import load_pretrained
 from torch import nn
 
 from synth.errors import ConfigError, InputError, PixelVisionError, WeightsUnavailableError
-from synth.hub import network_reachable, offline_requested
+from synth.hub import hub_unavailable_reason
 
 __all__ = [
     "BUNDLED_WEIGHTS",
@@ -364,8 +364,8 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
     else:
         reasons.append("they are not in the Hugging Face or torch hub cache")
 
-    reachable, why = _download_possible(cfg)
-    if not reachable:
+    why = _download_blocker(cfg)
+    if why is not None:
         reasons.append(f"they cannot be downloaded ({why})")
         raise WeightsUnavailableError(_unavailable_message(name, reasons))
     try:
@@ -555,20 +555,9 @@ def _cached_weights_file(cfg: Mapping[str, Any]) -> Path | None:
     return None
 
 
-def _download_possible(cfg: Mapping[str, Any]) -> tuple[bool, str]:
-    """Whether timm's download for ``cfg`` can start, and why not."""
-    if offline_requested():
-        return False, "HF_HUB_OFFLINE is set"
-    if cfg.get("hf_hub_id"):
-        try:
-            from huggingface_hub import constants
-        except ImportError:
-            endpoint = None
-        else:
-            endpoint = constants.ENDPOINT
-        if endpoint:
-            return network_reachable(endpoint)
-    return network_reachable(cfg["url"])
+def _download_blocker(cfg: Mapping[str, Any]) -> str | None:
+    """Why timm's download for ``cfg`` cannot start now (None: it can be tried)."""
+    return hub_unavailable_reason(None if cfg.get("hf_hub_id") else cfg["url"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,10 +6,11 @@ pretrained tag's local file, and quiet random initialisation, without ever touch
 - :func:`cached_clip_checkpoint`: the local file of a pretrained tag when it is already in the Hugging Face or
   open_clip cache (an explicit ``file`` entry, the hub file or its ``.safetensors`` twin, the ``~/.cache/clip``
   download of a URL tag).
+- :func:`tag_weights`: what to hand open_clip for a pretrained tag: its cached file, else the tag itself when
+  :func:`synth.hub.hub_unavailable_reason` allows a download now, else the caller's clear error (offline).
+- :func:`is_random_clip_weights`: "random" / "none" / "" / None ask for random initialisation.
 - :func:`quiet_random_init`: open_clip warns on the root logger when it builds random weights; expected for
   tests and for saved models whose weights file replaces every tensor.
-
-Whether a download may be tried is :mod:`synth.hub`'s question (``offline_requested``, ``network_reachable``).
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from synth.errors import InputError
+from synth.hub import hub_unavailable_reason
 
 CLIP_CACHE_DIR = Path("~/.cache/clip")
+RANDOM_CLIP_WEIGHTS = ("random", "none", "")
+
+
+def is_random_clip_weights(pretrained: str | None) -> bool:
+    """True when ``pretrained`` asks for random initialisation (tests; saved models whose file has every tensor)."""
+    return pretrained is None or str(pretrained).strip().lower() in RANDOM_CLIP_WEIGHTS
 
 
 def resolve_clip_model_name(clip_model: str, *, prefix: str = "", example: str = "ViT-B-16",
@@ -92,6 +100,20 @@ def cached_clip_checkpoint(tag_cfg: dict[str, Any]) -> str | None:
         if target.is_file():
             return str(target)
     return None
+
+
+def tag_weights(tag_cfg: dict[str, Any], tag: str, unavailable: Callable[[str], Exception]) -> str:
+    """What to hand open_clip as ``pretrained`` for tag ``tag`` (its table entry ``tag_cfg``): the cached local file,
+    else the tag itself when a download can start now; else raises ``unavailable(reason)`` at once (no retries).
+    """
+    cached = cached_clip_checkpoint(tag_cfg)
+    if cached is not None:
+        return cached
+    route = hub_route(tag_cfg)
+    blocker = hub_unavailable_reason(None if route is not None else str(tag_cfg.get("url", "")))
+    if blocker is not None:
+        raise unavailable(f"they are not in the local cache and cannot be downloaded ({blocker})")
+    return tag
 
 
 class _DropRandomInitWarning(logging.Filter):

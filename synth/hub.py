@@ -33,14 +33,20 @@ LoadedT = TypeVar("LoadedT")
 
 
 def offline_requested() -> bool:
-    """True when the user asked for offline mode (``HF_HUB_OFFLINE``)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUTHY:
-        return True
+    """True when the user asked for offline mode: ``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` (read now), or
+    huggingface_hub's own flag (read from the environment when it was imported)."""
+    return _offline_variable() is not None
+
+
+def _offline_variable() -> str | None:
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(key, "").strip().lower() in _TRUTHY:
+            return key
     try:
         from huggingface_hub import constants
     except ImportError:
-        return False
-    return bool(constants.HF_HUB_OFFLINE)
+        return None
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
 
 
 def network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> tuple[bool, str]:
@@ -78,15 +84,20 @@ def network_reachable(url: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> tup
     return True, ""
 
 
-def hub_unavailable_reason() -> str | None:
-    """Why the Hugging Face hub cannot be used now; None when a download can be tried."""
-    if offline_requested():
-        return "HF_HUB_OFFLINE is set"
-    try:
-        from huggingface_hub import constants
-    except ImportError:
-        return "huggingface_hub is not installed"
-    ok, reason = network_reachable(constants.ENDPOINT)
+def hub_unavailable_reason(url: str | None = None) -> str | None:
+    """Why a download cannot start now; None when it can be tried. ``url``: where the weights come from (default:
+    the Hugging Face hub endpoint). The one check every weights load makes before it lets a library download:
+    offline mode requested, or no answer from the host (or proxy) within one quick probe."""
+    variable = _offline_variable()
+    if variable is not None:
+        return f"{variable} is set"
+    if url is None:
+        try:
+            from huggingface_hub import constants
+        except ImportError:
+            return "huggingface_hub is not installed"
+        url = constants.ENDPOINT
+    ok, reason = network_reachable(url)
     return None if ok else reason
 
 

@@ -229,6 +229,7 @@ def test_unavailable_weights_fail_fast_and_explain(monkeypatch, tmp_path, offlin
     else:
         # The real connection attempt: .invalid never resolves (RFC 6761), even on a machine with network.
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://hub.pixelvision.invalid")
 

@@ -8,7 +8,13 @@ import pytest
 
 pytest.importorskip("open_clip")
 
-from synth.clip_weights import cached_clip_checkpoint, resolve_clip_model_name  # noqa: E402
+import synth.hub  # noqa: E402
+from synth.clip_weights import (  # noqa: E402
+    cached_clip_checkpoint,
+    is_random_clip_weights,
+    resolve_clip_model_name,
+    tag_weights,
+)
 from synth.errors import InputError  # noqa: E402
 
 
@@ -33,3 +39,28 @@ def test_cached_checkpoint_from_a_file_entry_or_the_clip_cache(tmp_path: Path, m
     cached.parent.mkdir(parents=True)
     cached.write_bytes(b"x")
     assert cached_clip_checkpoint(url) == str(cached)
+
+
+def test_tag_weights_cached_file_then_download_then_the_callers_error(tmp_path: Path, monkeypatch) -> None:
+    """One resolver for WinCLIP and CSM: the cached file wins; else the tag when a download can start now; else the
+    caller's error with the reason, after one probe at most."""
+    import huggingface_hub
+
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"x")
+    never = lambda reason: AssertionError(reason)  # noqa: E731
+    assert tag_weights({"file": str(weights)}, "tag", never) == str(weights)
+    monkeypatch.setenv("HOME", str(tmp_path))  # an empty ~/.cache/clip
+    url = {"url": "https://example.invalid/clip/ViT-B-16.pt"}
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    probed = []
+    monkeypatch.setattr(synth.hub, "network_reachable", lambda u, timeout=3.0: probed.append(u) or (True, ""))
+    assert tag_weights(url, "tag", never) == "tag" and probed == [url["url"]]
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    with pytest.raises(InputError, match=r"not in the local cache and cannot be downloaded \(TRANSFORMERS_OFFLINE"):
+        tag_weights(url, "tag", InputError)
+    assert len(probed) == 1  # offline mode does not probe
+    assert is_random_clip_weights(None) and is_random_clip_weights(" Random ") and is_random_clip_weights("")
+    assert not is_random_clip_weights("laion400m_e31")

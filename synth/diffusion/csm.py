@@ -63,14 +63,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.clip_weights import cached_clip_checkpoint, quiet_random_init, resolve_clip_model_name
+from synth.clip_weights import is_random_clip_weights, quiet_random_init, resolve_clip_model_name, tag_weights
 from synth.errors import InputError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_MODEL = "ViT-B-16"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b88k"
-RANDOM_CLIP_WEIGHTS = ("random", "none")
 CLIP_CHECKPOINT_OPTION = "clip_checkpoint=/path/open_clip_model.safetensors"
 ADAPTER_WEIGHTS = "csm_adapter.safetensors"
 ADAPTER_CONFIG = "csm_adapter.json"
@@ -116,18 +115,6 @@ def resolve_clip_name(clip_model: str) -> str:
     return resolve_clip_model_name(clip_model, example=DEFAULT_CLIP_MODEL)
 
 
-def _download_blocker(tag_cfg: dict[str, Any]) -> str | None:
-    """Why the weights of a tag cannot be downloaded now (None: try)."""
-    from synth.hub import hub_unavailable_reason, network_reachable, offline_requested
-
-    if tag_cfg.get("hf_hub"):
-        return hub_unavailable_reason()
-    if offline_requested():
-        return "HF_HUB_OFFLINE is set"
-    ok, reason = network_reachable(str(tag_cfg.get("url", "")))
-    return None if ok else reason
-
-
 def _clip_unavailable(name: str, tag: str, reason: str) -> WeightsUnavailableError:
     return WeightsUnavailableError(
         f"CLIP model {name!r} with pretrained tag {tag!r} is not available: {reason}. Download it once where there "
@@ -145,7 +132,7 @@ def resolve_clip_weights(name: str, pretrained: str | None, checkpoint: str | Pa
     """
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
-    tag = None if pretrained is None or str(pretrained).strip().lower() in RANDOM_CLIP_WEIGHTS else str(pretrained)
+    tag = None if is_random_clip_weights(pretrained) else str(pretrained)
     tag_cfg = dict(get_pretrained_cfg(name, tag) or {}) if tag else {}
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -159,13 +146,7 @@ def resolve_clip_weights(name: str, pretrained: str | None, checkpoint: str | Pa
         tags = ", ".join(list_pretrained_tags_by_model(name)) or "none"
         raise InputError(f"clip_pretrained {tag!r} is not a pretrained tag of open_clip model {name!r} (known tags: "
                          f"{tags}); pass one of them, 'random', or a local file with {CLIP_CHECKPOINT_OPTION}.")
-    cached = cached_clip_checkpoint(tag_cfg)
-    if cached is not None:
-        return cached, tag_cfg
-    blocker = _download_blocker(tag_cfg)
-    if blocker is not None:
-        raise _clip_unavailable(name, tag, f"it is not in the local cache and cannot be downloaded ({blocker})")
-    return tag, tag_cfg
+    return tag_weights(tag_cfg, tag, lambda reason: _clip_unavailable(name, tag, reason)), tag_cfg
 
 
 def _project(x: torch.Tensor, projection: Any) -> torch.Tensor:

@@ -22,22 +22,24 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from synth.clip_weights import cached_clip_checkpoint, hub_route, quiet_random_init, resolve_clip_model_name
+from synth.clip_weights import (
+    is_random_clip_weights,
+    quiet_random_init,
+    resolve_clip_model_name,
+    tag_weights,
+)
 from synth.errors import InputError
-from synth.hub import network_reachable
+from synth.hub import hub_unavailable_reason
 
 logger = logging.getLogger(__name__)
 
-RANDOM_WEIGHTS = ("random", "none", "")
 # OpenAI CLIP normalisation, open_clip's default (used by the paper's laion400m weights too).
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-PROBE_TIMEOUT_S = 3.0
 
 
 @dataclass
@@ -51,11 +53,6 @@ class LoadedClip:
     std: tuple[float, float, float]
 
 
-def is_random(pretrained: str | None) -> bool:
-    """True when ``pretrained`` asks for random initialisation."""
-    return pretrained is None or str(pretrained).strip().lower() in RANDOM_WEIGHTS
-
-
 def resolve_model_name(clip_model: str) -> str:
     """The open_clip model name of ``clip_model`` (a JSON config file is registered under its stem; open_clip
     schemas such as "hf-hub:org/repo" resolve themselves)."""
@@ -66,31 +63,9 @@ def tag_config(name: str, pretrained: str | None) -> dict[str, Any] | None:
     """open_clip's table entry of a pretrained tag (offline; None for random weights, files and unknown tags)."""
     from open_clip.pretrained import get_pretrained_cfg
 
-    if is_random(pretrained) or ":" in name or Path(str(pretrained)).expanduser().is_file():
+    if is_random_clip_weights(pretrained) or ":" in name or Path(str(pretrained)).expanduser().is_file():
         return None
     return get_pretrained_cfg(name, str(pretrained)) or None
-
-
-def offline_requested() -> bool:
-    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` set to a true value now. Read from the environment at each
-    call, unlike ``synth.hub.offline_requested``, which also trusts huggingface_hub's flag frozen at its import."""
-    return any(os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
-               for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-def hub_reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """One connection attempt to the download host (or the proxy) within ``timeout``: seconds, not minutes of
-    huggingface_hub's retries."""
-    return network_reachable(url, timeout)[0]
-
-
-def _download_url(cfg: dict[str, Any]) -> str:
-    route = hub_route(cfg)
-    if route is not None:
-        from huggingface_hub import constants
-
-        return str(constants.ENDPOINT)
-    return str(cfg.get("url", ""))
 
 
 def _offline_error(name: str, pretrained: str, reason: str) -> InputError:
@@ -116,17 +91,7 @@ def resolve_checkpoint(name: str, pretrained: str) -> str:
         raise InputError(f"winclip: {pretrained!r} is neither a pretrained tag of {name!r} (known tags: "
                          f"{', '.join(tags) or 'none'}) nor an existing checkpoint file; pass one of the tags, a "
                          f"file path, or pretrained=random.")
-    cached = cached_clip_checkpoint(cfg)
-    if cached is not None:
-        return cached
-    if offline_requested():
-        raise _offline_error(name, pretrained, "they are not in the local cache and HF_HUB_OFFLINE / "
-                                               "TRANSFORMERS_OFFLINE forbids downloads")
-    url = _download_url(cfg)
-    if not hub_reachable(url):
-        raise _offline_error(name, pretrained, f"they are not in the local cache and {urlparse(url).hostname or url} "
-                                               f"cannot be reached (offline?)")
-    return pretrained
+    return tag_weights(cfg, pretrained, lambda reason: _offline_error(name, pretrained, reason))
 
 
 @functools.lru_cache(maxsize=8)
@@ -151,15 +116,16 @@ def check_hub_schema(name: str) -> None:
     """An "hf-hub:org/repo" model needs its open_clip config from the hub or its cache: fail at once offline."""
     if not name.startswith("hf-hub:"):
         return
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
     from open_clip.constants import HF_CONFIG_NAME
 
     repo = name.split(":", 1)[1]
     if isinstance(try_to_load_from_cache(repo, HF_CONFIG_NAME), str):
         return
-    if offline_requested() or not hub_reachable(str(constants.ENDPOINT)):
+    blocker = hub_unavailable_reason()
+    if blocker is not None:
         raise InputError(f"winclip: open_clip model {name!r} is not in the local Hugging Face cache and the hub "
-                         f"cannot be reached (offline?). Download it once where there is internet, or pass a local "
+                         f"cannot be reached ({blocker}). Download it once where there is internet, or pass a local "
                          f"copy: `--set clip_model=local-dir:/path` (a folder with open_clip_config.json and the "
                          f"weights), or a built-in model name with "
                          f"`--set pretrained=/path/open_clip_pytorch_model.bin`.")
@@ -179,8 +145,10 @@ def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: 
     if schema:
         check_hub_schema(name)
         checkpoint = None
+    elif loading or is_random_clip_weights(pretrained):
+        checkpoint = None
     else:
-        checkpoint = None if loading or is_random(pretrained) else resolve_checkpoint(name, str(pretrained))
+        checkpoint = resolve_checkpoint(name, str(pretrained))
     # Tags trained with QuickGELU need that activation; taking it from the (offline) tag table makes the
     # architecture identical whether the weights come from the hub, the cache or a saved detector.
     quick_gelu = bool(cfg and cfg.get("quick_gelu", False))
@@ -188,7 +156,7 @@ def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: 
         torch.manual_seed(seed)
         try:
             model = open_clip.create_model(name, pretrained=checkpoint, force_quick_gelu=quick_gelu,
-                                           load_weights=not (loading or is_random(pretrained)))
+                                           load_weights=not (loading or is_random_clip_weights(pretrained)))
         except InputError:
             raise
         except (RuntimeError, OSError, ValueError, KeyError) as exc:
