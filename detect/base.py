@@ -19,7 +19,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -339,9 +339,30 @@ class Detector:
             data, scores, maps = self._crossfit(images, resolved, progress)
             self.calibration = self._calibration_from(data, scores, maps)
         elif scheme is not None:
-            data = self._validation_data(val, held_out or images, scheme=scheme)
-            self.calibration = self._calibrate(data)
+            self._calibrate_on(val if scheme == "val" else held_out or images, scheme)
         return self
+
+    def calibrate(self, val: DefectSet | str | Path | list[ImageInput], *, target_fpr: float | None = None,
+                  threshold_method: str | None = None) -> Detector:
+        """Set the decision threshold of a fitted detector from validation data; the weights do not change.
+
+        The step ``fit`` ends with, on its own: after ``fit(calibrate=False)``, or to re-set a saved model's
+        threshold on good parts of a changed line (``detect calibrate``). ``val``: normal images the model did not
+        train on (a folder or a list), or a defect set / MVTec folder whose ``test`` split (labels and masks) is
+        used. ``target_fpr`` / ``threshold_method`` replace the config's values (validated, kept when saved).
+        """
+        if not self.fitted:
+            raise InputError(f"{self.name}: the model is not fitted; call fit() or load a saved model before "
+                             f"calibrating its threshold.")
+        changes = {k: v for k, v in (("target_fpr", target_fpr), ("threshold_method", threshold_method))
+                   if v is not None}
+        if changes:
+            self.config = replace(self.config, **changes)  # __post_init__ checks the new values
+        self._calibrate_on(val, "val")
+        return self
+
+    def _calibrate_on(self, images: Any, scheme: str) -> None:
+        self.calibration = self._calibrate(self._validation_data(images, [], scheme=scheme))
 
     def calibration_scheme(self, n_images: int, val: Any = None) -> str:
         """How ``fit`` holds normals out for the threshold: "val", "crossfit", "holdout" or "in-sample"."""

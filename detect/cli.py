@@ -85,6 +85,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from detect.runner import calibrate_model
+
+    calibrate_model(args.model_dir, args.data, args.out, target_fpr=args.target_fpr)
+    return 0
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from detect.runner import benchmark
 
@@ -241,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, help="folder for metrics.json and roc.png (default: MODEL_DIR/eval)")
     add_common_arguments(ev)
 
+    cal = sub.add_parser("calibrate", help="re-set a saved model's threshold on good parts it did not train on")
+    cal.add_argument("--model-dir", type=Path, required=True, help="model folder written by `detect fit --out`")
+    cal.add_argument("--data", type=Path, required=True,
+                     help="folder of normal images (or a defect set / MVTec folder: its test split)")
+    cal.add_argument("--target-fpr", type=float, default=None,
+                     help="false-positive rate on normals the threshold aims at (default: the model's)")
+    cal.add_argument("--out", type=Path, help="model folder to write (default: MODEL_DIR, replaced atomically)")
+    add_common_arguments(cal)
+
     bench = sub.add_parser("benchmark", help="compare models on one dataset")
     bench.add_argument("--models", required=True, help="comma-separated model names")
     bench.add_argument("--data", type=Path, required=True)
@@ -286,9 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(build_parser(), argv, {
-        "fit": cmd_fit, "predict": cmd_predict, "eval": cmd_eval, "benchmark": cmd_benchmark,
-        "models": cmd_models, "backbone": cmd_backbone, "export": cmd_export, "classify": cmd_classify,
-        "inspect": cmd_inspect,
+        "fit": cmd_fit, "predict": cmd_predict, "eval": cmd_eval, "calibrate": cmd_calibrate,
+        "benchmark": cmd_benchmark, "models": cmd_models, "backbone": cmd_backbone, "export": cmd_export,
+        "classify": cmd_classify, "inspect": cmd_inspect,
     })
 
 

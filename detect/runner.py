@@ -49,14 +49,34 @@ def fit_model(name: str, data: str | Path, out: str | Path, *, options: dict[str
     detector.fit(data, val, anomalies=anomalies, progress=progress)
     elapsed = time.perf_counter() - start
     save_into_place(detector.save, out)
-    calibration = detector.calibration
     logger.info("fitted %s in %.1f s; saved to %s", name, elapsed, out)
+    _print_decision(detector)
+    return detector
+
+
+def calibrate_model(model_dir: str | Path, data: str | Path, out: str | Path | None = None, *,
+                    target_fpr: float | None = None) -> Detector:
+    """Re-set a saved model's threshold on ``data`` (good parts it did not train on, or a labeled defect set)
+    with ``Detector.calibrate``; the weights stay. Written to ``out`` (default: ``model_dir`` itself) with the
+    fit's all-or-nothing swap, so a killed run leaves the previous model."""
+    model_dir = Path(model_dir)
+    out = Path(out) if out is not None else model_dir
+    check_output_folder(out)
+    detector = load(model_dir).calibrate(data, target_fpr=target_fpr)
+    _recover_interrupted_fit(out)
+    save_into_place(detector.save, out)
+    logger.info("calibrated %s on %s; saved to %s", detector.name, data, out)
+    _print_decision(detector)
+    return detector
+
+
+def _print_decision(detector: Detector) -> None:
+    """The decision the user deploys, with its operating point: printed, not only logged."""
+    calibration = detector.calibration
     if calibration is not None:
-        # The decision the user deploys, with its operating point: printed, not only logged.
-        print(f"{name}: {calibration.describe()}")
+        print(f"{detector.name}: {calibration.describe()}")
         if calibration.warning:
             print(f"warning: {calibration.warning}")
-    return detector
 
 
 def prepare_model_folder(out: Path, config_file: str, *, force: bool) -> None:

@@ -221,3 +221,45 @@ def test_magnetic_tile_fpr_at_the_tool_threshold_is_near_the_target(magnetic_til
     # 5-seed table.
     fpr, gap, fprs = _measure(magnetic_tile, "patchcore", 128, 16, (0, 1), max_defects=100)
     assert fpr <= FPR_FACTOR * TARGET and gap <= RECALL_GAP, (fprs, gap)
+
+
+def test_calibrate_is_the_step_fit_ends_with(brick_set):
+    """``fit(val=...)`` equals ``fit(calibrate=False)`` then ``calibrate(...)``; a new target moves only the
+    threshold (the scores stay), and is checked like a config value."""
+    images = sorted(brick_set.image_path(s) for s in brick_set.select(split="train"))
+    good = sorted(brick_set.image_path(s) for s in brick_set.select(split="test", anomalous=False))
+    with pytest.raises(InputError, match="not fitted"):
+        detect.create("padim", image_size=64).calibrate(good)
+    in_fit = detect.create("padim", image_size=64).fit(images, val=good, progress=False)
+    stepwise = detect.create("padim", image_size=64).fit(images, calibrate=False, progress=False)
+    assert stepwise.calibration is None
+    assert stepwise.calibrate(good) is stepwise and stepwise.calibration.to_dict() == in_fit.calibration.to_dict()
+    strict = stepwise.predict(good)
+    stepwise.calibrate(good, target_fpr=0.3)
+    loose = stepwise.predict(good)
+    assert stepwise.config.target_fpr == 0.3 and stepwise.calibration.target_fpr == 0.3
+    np.testing.assert_array_equal(strict.scores, loose.scores)
+    assert stepwise.calibration.image_threshold < in_fit.calibration.image_threshold
+    assert loose.labels.sum() > strict.labels.sum()
+    with pytest.raises(ConfigError, match="key 'target_fpr'"):
+        stepwise.calibrate(good, target_fpr=1.5)
+
+
+def test_cli_calibrate_resets_the_threshold_and_keeps_the_weights(brick_set, tmp_path, capsys):
+    out = tmp_path / "padim"
+    assert detect_main(["fit", "-q", "--model", "padim", "--data", str(brick_set.root), "--out", str(out),
+                        "--image-size", "64"]) == 0
+    weights = (out / "model.safetensors").read_bytes()
+    before = json.loads((out / "config.json").read_text())["calibration"]
+    capsys.readouterr()
+    assert detect_main(["calibrate", "-q", "--model-dir", str(out), "--data", str(brick_set.root / "test" / "good"),
+                        "--target-fpr", "0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "target false-positive rate 20.0%" in printed and "[val]" in printed
+    after = json.loads((out / "config.json").read_text())
+    assert after["config"]["target_fpr"] == 0.2 and after["calibration"]["target_fpr"] == 0.2
+    assert after["calibration"]["image_threshold"] != before["image_threshold"]
+    assert (out / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["padim"]  # no staging folder left
+    assert detect_main(["calibrate", "-q", "--model-dir", str(out), "--data", str(tmp_path / "missing")]) != 0
+    assert json.loads((out / "config.json").read_text()) == after  # a failed run changes nothing
