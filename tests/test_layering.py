@@ -119,3 +119,22 @@ def test_no_upward_import(package: str) -> None:
     offenders = {str(path.relative_to(REPO)): sorted(imported_packages(path) & set(FORBIDDEN[package]))
                  for path in sorted((REPO / package).rglob("*.py"))}
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+# The ground floor (README "Architecture"): what synth, detect and pipelines all share. It imports only itself,
+# except synth.config, whose GenerateConfig checks `method:` against the generator registry.
+GROUND_FLOOR = {"synth.errors", "synth.io", "synth.config", "synth.cli_utils", "synth.defect_set", "synth.hub",
+                "synth.backbones", "synth.clip_weights"}
+GROUND_FLOOR_EXCEPTIONS = {"synth.config": {"synth.generators"}}
+
+
+def test_ground_floor_imports_only_itself():
+    graph = module_graph()
+    above = {m: sorted(graph[m] - GROUND_FLOOR - GROUND_FLOOR_EXCEPTIONS.get(m, set())) for m in GROUND_FLOOR}
+    assert {m: v for m, v in above.items() if v} == {}
+
+
+def test_the_readme_names_the_ground_floor():
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Architecture"):text.index("## Development")]
+    assert all(f"`{module}`" in section for module in GROUND_FLOOR)
