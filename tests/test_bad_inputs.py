@@ -236,6 +236,7 @@ FIT = ["detect", "fit", "-q", "--out", "{out}"]
 FIT_PADIM = [*FIT, "--model", "padim", "--data", "{brick}", "--image-size", "64"]
 PREDICT = ["detect", "predict", "-q", "--out", "{out}"]
 EVAL = ["detect", "eval", "-q", "--model-dir", "{model}"]
+CALIBRATE = ["detect", "calibrate", "-q", "--model-dir", "{model}", "--out", "{out}"]
 BENCH = ["detect", "benchmark", "-q", "--out", "{out}"]
 RUN = ["pipelines", "run", "-q"]
 
@@ -443,6 +444,14 @@ MATRIX: list[tuple[str, list[str], list[str]]] = [
      ["brick_spot_000_mask.png", "32x32", "re-export the mask"]),
     ("eval-out-is-file", [*EVAL, "--data", "{brick}", "--out", "{png}"], ["{png}", "is a file"]),
     ("eval-model-missing", ["detect", "eval", "--model-dir", "{missing}", "--data", "{brick}"],
+     ["not a saved model folder"]),
+    # ---- detect calibrate
+    ("calibrate-data-missing", [*CALIBRATE, "--data", "{missing}"], ["{missing}", "not found"]),
+    ("calibrate-data-empty", [*CALIBRATE, "--data", "{empty}"], ["{empty}", "no images found"]),
+    ("calibrate-zero-byte-image", [*CALIBRATE, "--data", "{normals_zero}"], ["bad.png", "0 bytes"]),
+    ("calibrate-bad-target-fpr", [*CALIBRATE, "--data", "{defects}", "--target-fpr", "1.5"], ["key 'target_fpr'"]),
+    ("calibrate-out-is-file", [*CALIBRATE, "--data", "{brick}", "--out", "{png}"], ["{png}", "is a file"]),
+    ("calibrate-model-missing", ["detect", "calibrate", "--model-dir", "{missing}", "--data", "{brick}"],
      ["not a saved model folder"]),
     # ---- detect classify / detect inspect
     ("classify-fit-data-missing", ["detect", "classify", "fit", "-q", "--data", "{missing}", "--out", "{out}"],

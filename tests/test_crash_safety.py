@@ -234,9 +234,10 @@ def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
 
 def _stable(results: dict) -> dict:
     """results.json without what legitimately differs between runs (timings, ran/reused status)."""
-    # generated / resumed_from: how many samples a (killed) generate stage wrote in its last run, not what it made.
+    # generated / resumed_from: how many samples a (killed) generate stage wrote in its last run, not what it made;
+    # cells_reused: how many few-shot cells a resumed stage took from its cache.
     drop = {"elapsed_s", "fit_s", "status", "seconds", "wall_s", "started", "finished", "report", "generated",
-            "resumed_from"}
+            "resumed_from", "cells_reused"}
 
     def clean(value):
         if isinstance(value, dict):
