@@ -38,8 +38,8 @@ from detect.calibration import (
 from detect.data import ImageInput, iter_batches, load_rgb, load_tensor, resize_mask, resolve_images
 from detect.persistence import FORMAT_VERSION, load_state_with_buffers, write_model_folder
 from detect.threshold import Calibration, calibrate
-from synth.defect_set import DefectSet, read_defect_set
-from synth.errors import ConfigError, InputError
+from synth.core.defect_set import DefectSet, read_defect_set
+from synth.core.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 

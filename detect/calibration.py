@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 from scipy import stats
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 __all__ = ["CROSSFIT_MAX_NORMALS", "CalibrationScores", "TailEstimate", "atypical_normals", "augmented_views",
            "fold_indices", "fpr_threshold", "normals_needed", "operating_point", "oracle_recall"]

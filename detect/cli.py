@@ -22,9 +22,9 @@ from typing import Any
 import yaml
 
 from synth import __version__
-from synth.cli_utils import add_common_arguments, run_cli
-from synth.config import describe_yaml_error, read_yaml
-from synth.errors import ConfigError
+from synth.core.cli_utils import add_common_arguments, run_cli
+from synth.core.config import describe_yaml_error, read_yaml
+from synth.core.errors import ConfigError
 
 
 def parse_options(config: Path | None, sets: Sequence[str] | None, image_size: int | None) -> dict[str, Any]:
@@ -115,7 +115,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_backbone(args: argparse.Namespace) -> int:
     import torch
 
-    from synth.backbones import create_feature_extractor
+    from synth.core.backbones import create_feature_extractor
 
     if args.size < 32:  # smaller inputs vanish inside the stride-32 stages of the CNN backbones
         raise ConfigError(f"--size {args.size}: must be >= 32 (the default is 224).")

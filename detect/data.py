@@ -3,7 +3,7 @@
 Every image is resized to the model's square input size (``image_size``, default 256) with area
 interpolation, whatever its original size or aspect ratio, like Anomalib's default pre-processing;
 anomaly maps come back at that size and :func:`resize_map` maps them to an original image's size.
-Grayscale, RGBA and 16-bit images are converted by :func:`synth.io.read_image`.
+Grayscale, RGBA and 16-bit images are converted by :func:`synth.core.io.read_image`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import cv2
 import numpy as np
 import torch
 
-from synth.defect_set import DefectSet, read_defect_set
-from synth.errors import InputError
-from synth.io import ensure_rgb_uint8, list_images, read_image
+from synth.core.defect_set import DefectSet, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import ensure_rgb_uint8, list_images, read_image
 
 ImageInput = str | Path | np.ndarray
 

@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from detect.base import Detector
-from synth.errors import ConfigError, InputError
-from synth.io import write_json
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import write_json
 
 logger = logging.getLogger(__name__)
 

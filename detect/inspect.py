@@ -28,8 +28,8 @@ import numpy as np
 from detect.classify.classifier import DefectClassifier
 from detect.registry import load
 from detect.runner import check_output_folder, prediction_overlay, read_batch
-from synth.errors import InputError
-from synth.io import iter_paths, write_image, write_text
+from synth.core.errors import InputError
+from synth.core.io import iter_paths, write_image, write_text
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from synth.errors import InputError
-from synth.io import write_json
+from synth.core.errors import InputError
+from synth.core.io import write_json
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"

@@ -15,7 +15,7 @@ from typing import Any
 
 from detect.base import Detector, set_model_lister
 from detect.persistence import WEIGHTS_FILE, read_detector_record, read_weights
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

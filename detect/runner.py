@@ -25,9 +25,9 @@ from detect.data import resize_map, resize_mask
 from detect.metrics import auroc, evaluate, roc_points
 from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
 from detect.registry import create, load
-from synth.defect_set import GOOD, read_defect_set
-from synth.errors import ConfigError, InputError
-from synth.io import durable_writes, iter_paths, read_image, write_image, write_json, write_text
+from synth.core.defect_set import GOOD, read_defect_set
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import durable_writes, iter_paths, read_image, write_image, write_json, write_text
 from synth.parallel import Shard, current_shard, default_workers
 
 logger = logging.getLogger(__name__)

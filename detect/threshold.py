@@ -32,7 +32,7 @@ import numpy as np
 
 from detect.calibration import fpr_threshold
 from detect.metrics import f1_max
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 
 @dataclass

@@ -49,13 +49,14 @@ from tqdm import tqdm
 
 from detect.classify import ClassifierConfig, DefectClassifier, LabeledImages
 from detect.classify.metrics import classification_metrics
-from synth.config import GenerateConfig, StrictModel, validate_config
-from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
-from synth.errors import InputError
+from synth.config import GenerateConfig
+from synth.core.config import StrictModel, validate_config
+from synth.core.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import copy_file, list_images, read_image, read_json_if_exists, write_image, write_json
+from synth.core.io import stable_hash as io_stable_hash
 from synth.generate import generate, make_preview, sample_seed
 from synth.generators import check_generator_name
-from synth.io import copy_file, list_images, read_image, read_json_if_exists, write_image, write_json
-from synth.io import stable_hash as io_stable_hash
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ def split_classes(dataset: DefectSet, classes: list[str], fraction: float,
 
 
 def stable_hash(obj: Any) -> str:
-    """16 hex digits of :func:`synth.io.stable_hash`: this pipeline's cache keys (unchanged across versions)."""
+    """16 hex digits of :func:`synth.core.io.stable_hash`: this pipeline's cache keys (unchanged across versions)."""
     return io_stable_hash(obj, digits=16)
 
 

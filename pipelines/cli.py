@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from synth import __version__
-from synth.cli_utils import add_common_arguments, run_cli
-from synth.errors import InputError
+from synth.core.cli_utils import add_common_arguments, run_cli
+from synth.core.errors import InputError
 
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_decision.yaml"
 

@@ -77,11 +77,12 @@ from pipelines.classification import (
     stable_hash,
     write_exemplars,
 )
-from synth.config import GenerateConfig, StrictModel, validate_config
-from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
-from synth.errors import InputError
+from synth.config import GenerateConfig
+from synth.core.config import StrictModel, validate_config
+from synth.core.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import copy_file, read_image, read_json_if_exists, write_json
 from synth.generate import generate, sample_seed
-from synth.io import copy_file, read_image, read_json_if_exists, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +438,7 @@ def _classification_cell(cfg: DecisionConfig, arm: str, known: _Known, synthetic
 
 
 def _eval_masks(rep: _Repeat, size: int) -> np.ndarray:
-    from synth.io import read_mask
+    from synth.core.io import read_mask
 
     masks = []
     for path, mask_path in zip(rep.eval_images, rep.eval_masks, strict=True):

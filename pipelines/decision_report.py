@@ -110,8 +110,8 @@ def _plots(summary: dict[str, Any]) -> str | None:
 
 def _exemplar_grid(summary: dict[str, Any], per_class: int = 4) -> str | None:
     """Per class: the known real defects of repeat 0 at the largest k beside synthetic defects made from them."""
-    from synth.defect_set import read_defect_set
-    from synth.io import list_images, read_image, read_mask
+    from synth.core.defect_set import read_defect_set
+    from synth.core.io import list_images, read_image, read_mask
 
     shots = summary.get("shots") or []
     if not shots:

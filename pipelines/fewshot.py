@@ -84,12 +84,13 @@ from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_mask
 from detect.metrics import evaluate, roc_points
 from detect.threshold import f1_optimal_threshold
-from synth.config import GenerateConfig, StrictModel, validate_config
-from synth.defect_set import GOOD, read_defect_set
-from synth.errors import InputError
+from synth.config import GenerateConfig
+from synth.core.config import StrictModel, validate_config
+from synth.core.defect_set import GOOD, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import copy_file, list_images, read_json_if_exists, stable_hash, write_json
 from synth.generate import generate
 from synth.generators import check_generator_name
-from synth.io import copy_file, list_images, read_json_if_exists, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from synth.backbones import DEFAULT_BACKBONE, create_backbone, create_feature_extractor, imagenet_normalization
-from synth.errors import ConfigError, InputError
-from synth.io import ensure_rgb_uint8, read_image, read_mask
+from synth.core.backbones import DEFAULT_BACKBONE, create_backbone, create_feature_extractor, imagenet_normalization
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import ensure_rgb_uint8, read_image, read_mask
 
 __all__ = [
     "LPIPS_STAGES",

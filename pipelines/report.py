@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 
 from pipelines.report_html import esc, figure_uri, img, note, num, pyplot, section, table
-from synth.errors import InputError
-from synth.io import write_json, write_text
+from synth.core.errors import InputError
+from synth.core.io import write_json, write_text
 from synth.masks import overlay_mask
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def _pick_samples(samples: list, count: int) -> list:
 
 def sample_grid(folder: str | Path, count: int) -> tuple[str | None, dict[str, int]]:
     """Data URI of an (image | mask | overlay) grid of ``count`` defects of a set, and its class counts."""
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     dataset = read_defect_set(folder)
     defects = dataset.select(anomalous=True)

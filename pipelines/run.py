@@ -44,9 +44,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from synth.config import StrictModel, format_validation_error, read_yaml, validate_config
-from synth.errors import ConfigError, InputError
-from synth.io import read_json_if_exists, stable_hash, write_json
+from synth.core.config import StrictModel, format_validation_error, read_yaml, validate_config
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import read_json_if_exists, stable_hash, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -494,7 +494,7 @@ def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
 def stage_realism(ctx: StageContext) -> dict[str, Any]:
     from pipelines.classification import seeded_subset
     from pipelines.realism import realism_metrics
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     options = ctx.cfg.realism or RealismOptions()
     seed = int(ctx.plan.seed or 0)

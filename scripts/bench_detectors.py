@@ -24,7 +24,7 @@ from quiet_run import LoadWatch  # scripts/ is sys.path[0] when this script runs
 
 from detect.registry import list_models
 from detect.runner import benchmark
-from synth.defect_set import GOOD
+from synth.core.defect_set import GOOD
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -51,7 +51,7 @@ from detect.data import load_rgb, resize_mask, to_tensor  # noqa: E402
 from detect.metrics import auroc  # noqa: E402
 from detect.models.memory.patchcore import Patchcore, k_center_greedy  # noqa: E402
 from detect.models.memory.patchcore.detector import coreset_size  # noqa: E402
-from synth.defect_set import read_defect_set  # noqa: E402
+from synth.core.defect_set import read_defect_set  # noqa: E402
 
 sys.path.insert(0, str(REPO / "scripts"))
 from quiet_run import LoadWatch  # noqa: E402

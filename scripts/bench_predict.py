@@ -8,7 +8,7 @@ KolektorSDD normal when ``../shared/data/kolektorsdd`` is there, else scikit-ima
 variants of each (flips and shifts) on disk as PNG. Each model is fitted once per kind on 16 of them at
 ``--image-size``, then:
 
-- **floor**: one process, all torch threads, the model's batch size: decode every image (``synth.io.read_image``),
+- **floor**: one process, all torch threads, the model's batch size: decode every image (``synth.core.io.read_image``),
   resize and run the model's forward (``Detector.predict``), nothing written. No predictor can be faster than
   reading, resizing and scoring its images;
 - **end to end**: ``python -m detect.cli predict --model-dir M FOLDER --out OUT`` as a user runs it (overlays and
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 from bench_synth import fmt, repeat, write_variants  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
 from quiet_run import LoadWatch  # noqa: E402
 
-from synth.io import read_image, write_json, write_text  # noqa: E402
+from synth.core.io import read_image, write_json, write_text  # noqa: E402
 
 KINDS = ("rgb256", "gray500x1250")
 

@@ -12,7 +12,7 @@ Two image kinds: 256x256 RGB (scikit-image's coffee photo) and 500x1250 grayscal
 - **end to end**: ``python -m synth.cli generate --method M --n N`` on a folder of normals of that kind, with the
   default workers (all cores) and writer settings, wall time of the whole command (start-up included);
 - **I/O floor**: the least any generator could cost, on all cores with the same worker pool: read one normal,
-  write one image and one mask with the project's writer (``synth.io.write_image``) at its default settings.
+  write one image and one mask with the project's writer (``synth.core.io.write_image``) at its default settings.
 
 ``end to end / floor`` is the share of the disk's speed that generation reaches. Beside it, our ``perlin`` against
 Anomalib's ``PerlinAnomalyGenerator`` (probability 1) in memory and with the same PNG writer, one process each.
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from quiet_run import LoadWatch  # noqa: E402  (scripts/ is sys.path[0] when this script runs)
 
-from synth.io import list_images, read_image, write_image, write_json, write_text  # noqa: E402
+from synth.core.io import list_images, read_image, write_image, write_json, write_text  # noqa: E402
 from synth.parallel import default_workers, ordered_map  # noqa: E402
 
 KOLEKTOR = REPO.parent / "shared" / "data" / "kolektorsdd" / "train" / "good"

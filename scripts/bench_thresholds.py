@@ -37,8 +37,8 @@ import detect
 from detect.calibration import oracle_recall
 from detect.metrics import auroc
 from detect.threshold import calibrate
-from synth.defect_set import read_defect_set
-from synth.io import read_json_if_exists, write_json, write_text
+from synth.core.defect_set import read_defect_set
+from synth.core.io import read_json_if_exists, write_json, write_text
 from synth.toyset import make_texture_defect_set
 
 REPO = Path(__file__).resolve().parent.parent

@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 from bench_patchcore import load_images, select_samples  # noqa: E402  (scripts/ is sys.path[0] here)
 from quiet_run import LoadWatch  # noqa: E402
 
-from synth.io import write_json, write_text  # noqa: E402
+from synth.core.io import write_json, write_text  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "magnetic-tile"
 DEFAULT_OUT = REPO / "scripts" / "results" / "bench_vs_anomalib"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synth.io import write_image
+from synth.core.io import write_image
 from synth.toyset import load_texture, plant_defect, random_crop
 
 ROOT = Path(__file__).resolve().parent.parent / "assets" / "demo"

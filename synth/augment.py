@@ -30,9 +30,9 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from synth.errors import InputError
+from synth.core.errors import InputError
+from synth.core.io import is_image_file, read_image
 from synth.generators import GeneratedDefect, method_params_error, register_generator
-from synth.io import is_image_file, read_image
 from synth.masks import _check_rng, check_perlin_params, perlin_mask_with_params, perlin_noise
 
 __all__ = [
@@ -55,8 +55,8 @@ BoolMask = NDArray[np.bool_]
 PhotometricOp = Callable[[Image, np.random.Generator], tuple[Image, dict[str, Any]]]
 
 _RGB_FIX = (
-    "convert with synth.io.read_image(..., mode='RGB') for files "
-    "or synth.io.ensure_rgb_uint8(array) for arrays"
+    "convert with synth.core.io.read_image(..., mode='RGB') for files "
+    "or synth.core.io.ensure_rgb_uint8(array) for arrays"
 )
 
 
@@ -367,7 +367,7 @@ class DraemAugmenter(Augmenter):
 
     Args:
         anomaly_source: texture images: a folder (searched recursively for the extensions in
-            ``synth.io.IMAGE_EXTENSIONS``, e.g. DTD's ``images/``), a sequence of ``uint8``
+            ``synth.core.io.IMAGE_EXTENSIONS``, e.g. DTD's ``images/``), a sequence of ``uint8``
             ``H x W x 3`` RGB arrays, or None to re-augment the normal image itself (DRAEM uses
             DTD). Folder images are read lazily.
         p_anomaly: probability of adding an anomaly; default 0.5 (DRAEM's training setting).

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from synth import __version__
-from synth.cli_utils import add_common_arguments, run_cli
-from synth.config import GenerateConfig, describe_yaml_error, load_config
-from synth.errors import ConfigError
+from synth.config import GenerateConfig
+from synth.core.cli_utils import add_common_arguments, run_cli
+from synth.core.config import describe_yaml_error, load_config
+from synth.core.errors import ConfigError
 from synth.generators import generator_names
 
 logger = logging.getLogger("synth")
@@ -100,7 +101,7 @@ def cmd_toyset(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     dataset = read_defect_set(args.data)
     if args.check:
@@ -114,7 +115,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     hf = read_defect_set(args.data).to_hf_dataset()
     hf.save_to_disk(str(args.out))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 __all__ = ["DESCRIPTOR_NAMES", "context_weights", "exemplar_descriptor", "image_descriptor", "weights_summary"]
 

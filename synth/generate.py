@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from synth.config import GenerateConfig
-from synth.defect_set import (
+from synth.core.defect_set import (
     GOOD,
     MANIFEST_NAME,
     DefectSample,
@@ -31,9 +31,8 @@ from synth.defect_set import (
     read_manifest,
     write_sample_files,
 )
-from synth.errors import InputError
-from synth.generators import DefectGenerator, build_generator, get_generator
-from synth.io import (
+from synth.core.errors import InputError
+from synth.core.io import (
     DEFAULT_PNG_COMPRESSION,
     in_mode_of,
     list_images,
@@ -42,6 +41,7 @@ from synth.io import (
     write_image,
     write_json,
 )
+from synth.generators import DefectGenerator, build_generator, get_generator
 from synth.masks import overlay_mask
 from synth.parallel import Shard, current_shard, default_workers, ordered_map
 

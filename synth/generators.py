@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 if TYPE_CHECKING:
     from synth.config import GenerateConfig

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 __all__ = [
     "MASK_GENERATORS",

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from synth.defect_set import MASK_SUFFIX
-from synth.errors import InputError
+from synth.core.defect_set import MASK_SUFFIX
+from synth.core.errors import InputError
+from synth.core.io import ensure_rgb_uint8, list_images, read_image, read_mask
 from synth.generators import GeneratedDefect, method_params_error, register_generator
-from synth.io import ensure_rgb_uint8, list_images, read_image, read_mask
 from synth.placement import DefectExemplar, MaskGuidedPlacer, PlacementError
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ were cut from) and many normal images. This module turns them into new labeled d
 
 Conventions: images are ``uint8`` HxWx3 RGB, masks are ``bool`` HxW (True = defect), all randomness
 comes from an explicit ``numpy.random.Generator`` (same seed -> identical output) and bad input raises
-:class:`synth.errors.InputError`. Every blend mode changes pixels only within ``feather`` pixels
+:class:`synth.core.errors.InputError`. Every blend mode changes pixels only within ``feather`` pixels
 (square neighbourhood) of the returned mask, so the label covers every altered pixel.
 """
 
@@ -36,7 +36,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 from synth.generators import GeneratedDefect
 
 __all__ = [

@@ -8,8 +8,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from synth.defect_set import DefectSet
-from synth.io import write_text
+from synth.core.defect_set import DefectSet
+from synth.core.io import write_text
 
 
 def defect_set_report(dataset: DefectSet, *, title: str, config: dict | None = None,

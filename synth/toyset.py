@@ -16,8 +16,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from synth.defect_set import DefectSet, DefectSetWriter
-from synth.errors import InputError
+from synth.core.defect_set import DefectSet, DefectSetWriter
+from synth.core.errors import InputError
 
 TEXTURES = ("brick", "grass", "gravel")
 PLANTED_CLASSES = ("spot", "scratch")
@@ -117,7 +117,7 @@ def write_generation_inputs(root: str | Path, *, seed: int = 0, n_normals: int =
 
     Deterministic for a given seed; returns ``root``.
     """
-    from synth.io import write_image
+    from synth.core.io import write_image
 
     root = Path(root)
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ keyword goes to :class:`~synth.placement.MaskGuidedPlacer` (``blend_mode``, ``po
 When a defect cannot be placed (:class:`~synth.placement.PlacementError`, e.g. an image smaller than the
 foreground needs) the image passes through unchanged with an empty mask, so one awkward crop does not stop a
 training loop; ``params["placement_failed"]`` holds the reason. Bad exemplars still raise
-:class:`~synth.errors.InputError` when the transform is built.
+:class:`~synth.core.errors.InputError` when the transform is built.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ import albumentations as A
 import numpy as np
 import torch
 
-from synth.errors import InputError
+from synth.core.errors import InputError
+from synth.core.io import ensure_rgb_uint8
 from synth.generators import make_generator
-from synth.io import ensure_rgb_uint8
 
 
 def make_augmenter(generator: str | Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:

@@ -20,7 +20,7 @@ from synth.augment import (
     PerlinBlend,
     blend_anomaly,
 )
-from synth.errors import InputError
+from synth.core.errors import InputError
 from synth.generators import GeneratedDefect
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
-from synth.backbones import (
+from synth.core.backbones import (
     bundled_weights_file,
     create_backbone,
     create_feature_extractor,
@@ -22,7 +22,7 @@ from synth.backbones import (
     map_state_dict_to_timm,
     resolve_pretrained_weights,
 )
-from synth.errors import ConfigError, InputError, WeightsUnavailableError
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError
 
 LITE0 = "tf_efficientnet_lite0"
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat

@@ -36,7 +36,7 @@ from PIL import Image
 from detect.cli import main as detect_main
 from pipelines.cli import main as pipelines_main
 from synth.cli import main as synth_main
-from synth.io import read_image
+from synth.core.io import read_image
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -101,7 +101,7 @@ def paths(brick_set, tmp_path_factory) -> dict[str, Path]:
         name, data = make(goods[5].read_bytes())
         (folder / f"{kind}_{name}").write_bytes(data)
 
-    # Odd but valid images: must be converted (synth/io.py) to 8-bit RGB.
+    # Odd but valid images: must be converted (synth/core/io.py) to 8-bit RGB.
     folder = p["modes"] = root / "modes"
     folder.mkdir()
     rgb = np.asarray(Image.open(goods[0]).convert("RGB"))
@@ -781,7 +781,7 @@ def test_anomalies_for_a_normal_only_model_name_the_models_that_take_them() -> N
 
     import detect
     import detect.base
-    from synth.errors import InputError
+    from synth.core.errors import InputError
 
     detector = detect.create("padim", image_size=64)
     with pytest.raises(InputError) as info:

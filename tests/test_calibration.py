@@ -25,8 +25,8 @@ from detect.calibration import (
 )
 from detect.cli import main as detect_main
 from detect.threshold import Calibration
-from synth.defect_set import read_defect_set
-from synth.errors import ConfigError, InputError
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import ConfigError, InputError
 from synth.toyset import make_texture_defect_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -14,9 +14,9 @@ from detect.classify import DefectClassifier
 from detect.classify.classifier import _batch_indices, collect_labeled
 from detect.classify.runner import predict_classes
 from detect.cli import main as detect_main
-from synth.defect_set import read_defect_set
-from synth.errors import ConfigError, InputError
-from synth.io import read_image, write_image
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import read_image, write_image
 from synth.toyset import make_texture_defect_set
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

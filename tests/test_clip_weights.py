@@ -1,4 +1,4 @@
-"""The open_clip helpers WinCLIP and CSM guidance share (synth/clip_weights.py): names, cached tag files."""
+"""The open_clip helpers WinCLIP and CSM guidance share (synth/core/clip_weights.py): names, cached tag files."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 
 pytest.importorskip("open_clip")
 
-import synth.hub  # noqa: E402
-from synth.clip_weights import (  # noqa: E402
+import synth.core.hub  # noqa: E402
+from synth.core.clip_weights import (  # noqa: E402
     cached_clip_checkpoint,
     is_random_clip_weights,
     resolve_clip_model_name,
     tag_weights,
 )
-from synth.errors import InputError  # noqa: E402
+from synth.core.errors import InputError  # noqa: E402
 
 
 def test_model_names_json_configs_and_schemas(tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_tag_weights_cached_file_then_download_then_the_callers_error(tmp_path: 
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     probed = []
-    monkeypatch.setattr(synth.hub, "network_reachable", lambda u, timeout=3.0: probed.append(u) or (True, ""))
+    monkeypatch.setattr(synth.core.hub, "network_reachable", lambda u, timeout=3.0: probed.append(u) or (True, ""))
     assert tag_weights(url, "tag", never) == "tag" and probed == [url["url"]]
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     with pytest.raises(InputError, match=r"not in the local cache and cannot be downloaded \(TRANSFORMERS_OFFLINE"):

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from synth.config import GenerateConfig, load_config
-from synth.errors import ConfigError
+from synth.config import GenerateConfig
+from synth.core.config import load_config
+from synth.core.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

@@ -65,7 +65,7 @@ def run_ok(command: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def generate_inputs(tmp_path_factory) -> Path:
-    from synth.io import write_image
+    from synth.core.io import write_image
 
     root = tmp_path_factory.mktemp("gen_inputs")
     rng = np.random.default_rng(1)

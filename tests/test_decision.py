@@ -10,8 +10,8 @@ import pytest
 
 from pipelines import decision as dt
 from pipelines.run import load_pipeline_config, run_pipeline
-from synth.defect_set import read_defect_set
-from synth.errors import ConfigError, InputError
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import ConfigError, InputError
 from synth.toyset import make_texture_defect_set
 
 SHOTS = [1, 2]
@@ -179,7 +179,7 @@ def test_crop_paste_skips_known_defects_with_empty_masks(tmp_path):
     crop & paste samples and the others still do, instead of the whole table stopping."""
     import numpy as np
 
-    from synth.io import write_image
+    from synth.core.io import write_image
 
     normal, defect = tmp_path / "normal.png", tmp_path / "defect.png"
     write_image(normal, np.full((32, 32, 3), 120, np.uint8))

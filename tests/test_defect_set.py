@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from synth.defect_set import DefectSetWriter, read_defect_set
-from synth.errors import InputError
+from synth.core.defect_set import DefectSetWriter, read_defect_set
+from synth.core.errors import InputError
 from synth.toyset import make_texture_defect_set
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import detect
 from detect.cli import main as detect_main
-from synth.io import read_image, write_image
+from synth.core.io import read_image, write_image
 
 FAST = ["--image-size", "64", "--set", "blur_sigma=1"]
 

@@ -27,7 +27,7 @@ from helpers import WINCLIP_TINY_CLIP
 import detect
 import detect.runner
 from detect.cli import main as detect_main
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 SIZE = 64
 TINY_CLIP = "<tiny-clip>"  # stands for the path of the WinCLIP tiny random CLIP config, written by a fixture

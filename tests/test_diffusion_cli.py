@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("open_clip")
 
 from synth.cli import main  # noqa: E402
-from synth.defect_set import read_defect_set  # noqa: E402
+from synth.core.defect_set import read_defect_set  # noqa: E402
 
 TINY_CLIP = {
     "embed_dim": 32,
@@ -32,7 +32,7 @@ def _check_generated(out, normal_dir, n):
         image = dataset.load_image(sample)
         mask = dataset.load_mask(sample, image.shape[:2]) > 0
         assert mask.any() and sample.defect_class in ("spot", "scratch")
-        from synth.io import read_image
+        from synth.core.io import read_image
 
         source = read_image(sample.source_image)
         assert np.array_equal(image[~mask], source[~mask]), "pixels outside the mask must be the normal image's"

@@ -16,6 +16,8 @@ import pytest
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
+from synth.core.io import list_images, read_image  # noqa: E402
 from synth.diffusion.controlnet import (  # noqa: E402
     AugmentConfig,
     TrainingPair,
@@ -27,8 +29,6 @@ from synth.diffusion.controlnet import (  # noqa: E402
 )
 from synth.diffusion.pipeline_controlnet_inpaint import build_controlnet_generator  # noqa: E402
 from synth.diffusion.run_state import read_loss_log  # noqa: E402
-from synth.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
-from synth.io import list_images, read_image  # noqa: E402
 
 HUB_ID = "stabilityai/stable-diffusion-2-inpainting"
 
@@ -158,7 +158,7 @@ def test_generation_end_to_end(trained, brick_set):
 def test_generator_plugs_into_synth_generate(trained, brick_set, tmp_path, monkeypatch):
     import synth.generate
     from synth.config import GenerateConfig
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     gen = _generator(trained, brick_set)
     # Until `--method controlnet` is wired into build_generator, route a paste config to this generator.

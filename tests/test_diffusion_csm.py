@@ -21,6 +21,8 @@ pytest.importorskip("open_clip")
 
 import torch  # noqa: E402
 
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
+from synth.core.io import list_images, read_image  # noqa: E402
 from synth.diffusion.csm import (  # noqa: E402
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -34,8 +36,6 @@ from synth.diffusion.csm import (  # noqa: E402
 from synth.diffusion.pipeline_csm import build_csm_generator  # noqa: E402
 from synth.diffusion.run_state import read_loss_log  # noqa: E402
 from synth.diffusion.train_csm import load_train_config, train_csm  # noqa: E402
-from synth.errors import ConfigError, InputError, WeightsUnavailableError  # noqa: E402
-from synth.io import list_images, read_image  # noqa: E402
 
 SIZE = 64
 TINY_CLIP = {
@@ -368,7 +368,7 @@ def test_bad_generate_params_name_the_key(key, value, tmp_path):
 
 
 def test_shipped_configs_validate():
-    from synth.config import read_yaml, validate_config
+    from synth.core.config import read_yaml, validate_config
     from synth.diffusion.pipeline_csm import CSMGenerateConfig
 
     root = Path(__file__).resolve().parent.parent / "configs"
@@ -388,7 +388,7 @@ def test_fusion_heads_must_divide_the_clip_width(brick_set, tiny_inpaint_model, 
 def test_offline_clip_tag_fails_fast_with_one_clear_error(monkeypatch):
     from open_clip.pretrained import get_pretrained_cfg
 
-    from synth.clip_weights import cached_clip_checkpoint
+    from synth.core.clip_weights import cached_clip_checkpoint
 
     if cached_clip_checkpoint(get_pretrained_cfg("ViT-B-16", "laion2b_s34b_b88k")) is not None:
         pytest.skip("the real ViT-B-16 weights are cached here; the offline error cannot occur")

@@ -25,7 +25,7 @@ from detect.data import load_tensor
 from detect.export import ExportCheckError, export_onnx, verify_onnx
 from detect.metrics import auroc
 from detect.models.memory.patchcore import torch_model as patchcore_torch_model
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 
 ort = pytest.importorskip("onnxruntime")
 

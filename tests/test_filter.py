@@ -13,9 +13,10 @@ from helpers import tree_digest
 
 from synth import embedders
 from synth.config import GenerateConfig
-from synth.defect_set import DefectSetWriter, read_defect_set
+from synth.core.defect_set import DefectSetWriter, read_defect_set
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError
+from synth.core.io import read_image, read_mask, write_image
 from synth.embedders import Dinov2Embedder, Lite0Embedder, create_embedder
-from synth.errors import ConfigError, InputError, WeightsUnavailableError
 from synth.filter import (
     SCORES_NAME,
     filter_defect_set,
@@ -25,7 +26,6 @@ from synth.filter import (
     two_stage_select,
 )
 from synth.generate import generate
-from synth.io import read_image, read_mask, write_image
 
 
 @pytest.fixture(scope="session")

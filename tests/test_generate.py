@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from synth.cli import main as synth_main
-from synth.defect_set import read_defect_set
-from synth.io import read_image, write_image
+from synth.core.defect_set import read_defect_set
+from synth.core.io import read_image, write_image
 from synth.toyset import write_generation_inputs
 
 METHODS = ["perlin", "draem", "cutpaste", "scar", "cutpaste3way"]

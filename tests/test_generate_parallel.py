@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from synth.cli import main as synth_main
-from synth.io import encode_png, read_image, read_mask, smallest_lossless_mode, write_image
+from synth.core.io import encode_png, read_image, read_mask, smallest_lossless_mode, write_image
 from synth.toyset import write_generation_inputs
 
 
@@ -152,7 +152,7 @@ def test_bad_png_compression_is_one_clear_error(inputs, tmp_path, capsys):
 
 
 def test_generated_defects_take_the_mode_of_their_source_photo():
-    from synth.io import in_mode_of
+    from synth.core.io import in_mode_of
 
     rng = np.random.default_rng(0)
     gray = np.repeat(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8), 3, axis=2)
@@ -173,7 +173,7 @@ def test_generated_defects_take_the_mode_of_their_source_photo():
 def test_detect_predict_on_two_accelerate_processes_writes_the_table_of_one(brick_set, tmp_path):
     pytest.importorskip("accelerate")
     from detect.runner import PARTIAL_SCORES, fit_model, predict_run_key
-    from synth.io import iter_paths
+    from synth.core.io import iter_paths
 
     model_dir = tmp_path / "padim"
     fit_model("padim", brick_set.root, model_dir, options={"image_size": 64, "blur_sigma": 1}, progress=False)

@@ -8,8 +8,10 @@ import torch
 from skimage import data
 
 import synth.generators as generators
-from synth.config import GenerateConfig, validate_config
-from synth.errors import ConfigError, InputError
+from synth.config import GenerateConfig
+from synth.core.config import validate_config
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import write_image
 from synth.generate import generate
 from synth.generators import (
     GeneratedDefect,
@@ -19,7 +21,6 @@ from synth.generators import (
     register_generator,
     transform_generator_names,
 )
-from synth.io import write_image
 from synth.transforms import SyntheticAnomalyV2
 
 BUILT_IN = ("perlin", "draem", "cutpaste", "scar", "cutpaste3way", "paste", "controlnet", "csm")

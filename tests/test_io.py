@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from synth.errors import InputError
-from synth.io import list_images, read_image, read_mask, write_image
+from synth.core.errors import InputError
+from synth.core.io import list_images, read_image, read_mask, write_image
 
 
 def test_grayscale_rgba_16bit_palette_conversions(tmp_path):
@@ -99,7 +99,7 @@ def test_write_image_is_atomic_and_roundtrips(tmp_path):
 def test_stable_hash_is_the_sha256_of_sorted_json() -> None:
     import hashlib
 
-    from synth.io import stable_hash
+    from synth.core.io import stable_hash
 
     expected = hashlib.sha256(b'{"a": [1, 2], "b": "x"}').hexdigest()  # the cache keys' format, unchanged
     assert stable_hash({"b": "x", "a": [1, 2]}) == expected

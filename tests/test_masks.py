@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 from synth.masks import (
     MASK_GENERATORS,
     blob_mask,

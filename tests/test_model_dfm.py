@@ -91,7 +91,7 @@ def test_nll_matches_scipy_gaussian_in_pca_space():
 @pytest.mark.real_data
 def test_magnetic_tile(magnetic_tile):
     """30 train/good images; 30 good + 30 defect test images at 128 px, pooling_kernel 2. Measured AUROC 0.76."""
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     defect_set = read_defect_set(magnetic_tile)
     rng = np.random.default_rng(0)

@@ -27,7 +27,7 @@ from detect.models.reconstruction.dinomaly.torch_model import (
     hard_mining_cosine_loss,
     split_groups,
 )
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 from synth.toyset import make_texture_defect_set
 
 SIZE = 64
@@ -125,7 +125,7 @@ def distilled_tiny_vit(path, steps: int = 300, seed: int = 0) -> None:
     import skimage.data
     from safetensors.torch import save_file
 
-    from synth.backbones import create_feature_extractor
+    from synth.core.backbones import create_feature_extractor
 
     photos = []
     for name in ("astronaut", "coffee", "chelsea", "camera", "rocket", "hubble_deep_field", "immunohistochemistry",

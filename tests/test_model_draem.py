@@ -20,7 +20,7 @@ from detect.models.reconstruction.draem.torch_model import (
     ssim,
 )
 from synth.augment import DraemAugmenter
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 SIZE = 64
 # CPU-sized: base widths 8 / 16 (paper 128 / 64), batch 4 (4 steps per epoch on the 13 training crops), 20

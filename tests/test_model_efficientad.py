@@ -16,7 +16,7 @@ from detect.metrics import auroc
 from detect.models.distillation.efficientad import EfficientAd
 from detect.models.distillation.efficientad.detector import color_jitter, hard_loss
 from detect.models.distillation.efficientad.torch_model import PDN, AutoEncoder, EfficientAdModel
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 SIZE = 64
 # A CPU-test budget: one teacher-distillation pass over the 13 training normals + 16 generic crops, then 4
@@ -145,7 +145,7 @@ def test_missing_distillation_folder_names_the_key(brick_set, tmp_path):
 @pytest.mark.slow
 def test_magnetic_tile_real_defects(magnetic_tile: Path):
     """30 normal shots; 30 test/good vs 30 real defects (6 per class), image_size 128."""
-    from synth.io import read_image
+    from synth.core.io import read_image
 
     size = 128
     train = sorted((magnetic_tile / "train" / "good").iterdir())[:30]

@@ -78,7 +78,7 @@ def test_blur_kernel_is_normalised_and_preserves_constants():
 @pytest.mark.real_data
 def test_magnetic_tile(magnetic_tile):
     """30 train/good images; 30 good + 30 defect test images at 128 px (~3 s). Measured image AUROC 0.72."""
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     defect_set = read_defect_set(magnetic_tile)
     rng = np.random.default_rng(0)

@@ -22,8 +22,8 @@ from detect.data import load_rgb, resize_mask
 from detect.metrics import auroc
 from detect.models.memory.patchcore import Patchcore, k_center_greedy
 from detect.models.memory.patchcore.detector import coreset_size, random_projection
-from synth.defect_set import read_defect_set
-from synth.errors import InputError
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import InputError
 
 SIZE = 64
 

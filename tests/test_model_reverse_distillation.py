@@ -87,7 +87,7 @@ def test_loss_terms():
 @pytest.mark.slow
 def test_magnetic_tile_real_defects(magnetic_tile: Path):
     """30 normal shots; 30 test/good vs 30 real defects (6 per class), image_size 128."""
-    from synth.io import read_image
+    from synth.core.io import read_image
 
     size = 128
     train = sorted((magnetic_tile / "train" / "good").iterdir())[:30]

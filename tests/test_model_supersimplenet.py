@@ -20,7 +20,7 @@ from detect.models.feature_adaptation.supersimplenet.anomaly_generator import (
 )
 from detect.models.feature_adaptation.supersimplenet.detector import downsample_masks
 from detect.models.feature_adaptation.supersimplenet.losses import focal_loss, truncated_l1_loss
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 SIZE = 64
 # Test-sized settings: an 8x8 feature map (upscale 1 at 64 px; the paper's 2 gives 16x16 at 4x the cost), a

@@ -35,8 +35,8 @@ from detect.models.foundation.vlm_ad import VlmAd
 from detect.models.foundation.vlm_ad.backends import redact
 from detect.models.foundation.vlm_ad.schema import MalformedReply, parse_reply
 from detect.models.foundation.vlm_ad.torch_model import paint_map
-from synth.errors import ConfigError, InputError
-from synth.io import read_image
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import read_image
 
 SIZE = 64
 KEY = "sk-test-SECRET-0123456789abcdef"

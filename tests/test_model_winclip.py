@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from helpers import WINCLIP_TINY_CLIP
 
 import detect
-import synth.hub
+import synth.core.hub
 from detect.data import load_rgb, load_tensor
 from detect.metrics import auroc
 from detect.models.foundation.winclip import WinClip, clip_loading
@@ -33,8 +33,8 @@ from detect.models.foundation.winclip.torch_model import (
     window_cover,
     window_indices,
 )
-from synth.clip_weights import cached_clip_checkpoint
-from synth.errors import InputError
+from synth.core.clip_weights import cached_clip_checkpoint
+from synth.core.errors import InputError
 
 SIZE = 64
 GRID = (8, 8)  # 64 px / patch 8
@@ -268,7 +268,7 @@ def test_unreachable_hub_fails_fast_without_offline_variables(monkeypatch):
         probed.append(url)
         return False, "cannot reach the probed host"
 
-    monkeypatch.setattr(synth.hub, "network_reachable", unreachable)
+    monkeypatch.setattr(synth.core.hub, "network_reachable", unreachable)
     with pytest.raises(InputError, match=r"cannot be downloaded \(cannot reach the probed host\).*--set pretrained="):
         WinClip(k_shot=0)
     assert len(probed) == 1  # one quick probe, no retries

@@ -24,9 +24,9 @@ from skimage import data
 
 from synth.cli import main as synth_main
 from synth.context import context_weights, exemplar_descriptor, image_descriptor
-from synth.defect_set import DefectSetWriter, read_defect_set
-from synth.errors import InputError
-from synth.io import write_image
+from synth.core.defect_set import DefectSetWriter, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import write_image
 from synth.placement import DefectExemplar, MaskGuidedPlacer, _axial_bandwidth, elongation, principal_axis_angle
 from synth.transforms import SyntheticAnomaly, SyntheticAnomalyV2
 

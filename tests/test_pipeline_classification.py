@@ -9,9 +9,9 @@ import pytest
 
 import pipelines.classification as clf
 from pipelines.classification import ClassificationConfig, run_classification, split_classes
-from synth.config import validate_config
-from synth.defect_set import read_defect_set
-from synth.errors import ConfigError, InputError
+from synth.core.config import validate_config
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import ConfigError, InputError
 from synth.toyset import make_texture_defect_set
 
 N_PER_CLASS = 12

@@ -14,10 +14,10 @@ from detect.base import Detector
 from detect.calibration import oracle_recall
 from pipelines import fewshot
 from pipelines.fewshot import FewShotConfig, fewshot_table, run_fewshot, shot_order
-from synth.config import validate_config
-from synth.defect_set import read_defect_set
-from synth.errors import ConfigError, InputError
-from synth.io import write_image
+from synth.core.config import validate_config
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import write_image
 
 SIZE = 64
 SHOTS = [1, 4, "all"]

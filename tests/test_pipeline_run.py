@@ -18,7 +18,7 @@ from pipelines import run as run_module
 from pipelines.cli import main
 from pipelines.report import SECTIONS, redact, redact_text, write_report
 from pipelines.run import derive_seed, load_pipeline_config, plan_stages, run_pipeline
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 # The decision section is drawn only when that stage ran (these results have none).
 DRAWN = [s for s in SECTIONS if s != "decision"]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 from synth.placement import (
     DefectExemplar,
     MaskGuidedPlacer,

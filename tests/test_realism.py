@@ -19,7 +19,7 @@ from pipelines.realism import (
     polynomial_kernel,
     realism_metrics,
 )
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 from synth.toyset import load_texture, random_crop
 
 SIZE = 64
@@ -257,7 +257,7 @@ def test_realism_metrics_is_deterministic_and_seeded():
 
 
 def test_realism_metrics_reads_paths_and_explains_bad_input(tmp_path):
-    from synth.io import write_image
+    from synth.core.io import write_image
 
     real = crops("brick", 3, seed=17)
     paths = []

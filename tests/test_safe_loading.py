@@ -25,10 +25,10 @@ import torch
 
 import detect
 from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
-from synth.backbones import read_weights_file
-from synth.config import read_yaml
-from synth.defect_set import MANIFEST_NAME, read_defect_set
-from synth.errors import ConfigError, InputError
+from synth.core.backbones import read_weights_file
+from synth.core.config import read_yaml
+from synth.core.defect_set import MANIFEST_NAME, read_defect_set
+from synth.core.errors import ConfigError, InputError
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("synth", "detect", "pipelines", "scripts")

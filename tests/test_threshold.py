@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from detect.threshold import Calibration, calibrate, f1_optimal_threshold, percentile_threshold
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 
 def test_f1_threshold_separates_and_sits_between_samples():

@@ -9,7 +9,7 @@ import torch
 from skimage import data
 
 from synth.augment import AUGMENTERS
-from synth.errors import InputError
+from synth.core.errors import InputError
 from synth.transforms import SyntheticAnomaly, SyntheticAnomalyV2
 
 

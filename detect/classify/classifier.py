@@ -1,7 +1,7 @@
 """Defect-class classifier: ``fit`` on labeled defect sets, ``predict`` class probabilities, ``save``/``load``.
 
 Training recipe (one for every use: the CLI, the classification pipeline, the decision table): a timm backbone
-(``synth.backbones.create_backbone``: offline ImageNet weights for the default ``tf_efficientnet_lite0``) gets a
+(``synth.core.backbones.create_backbone``: offline ImageNet weights for the default ``tf_efficientnet_lite0``) gets a
 fresh head and is fine-tuned end to end with AdamW, cross-entropy and a cosine learning-rate decay for a fixed
 number of optimizer steps. Every training image is resized to ``image_size`` once (area interpolation when
 shrinking: images of any size and aspect ratio are accepted) and augmented on the fly (flips, 90-degree rotations,
@@ -40,11 +40,11 @@ from detect.classify.metrics import classification_metrics
 from detect.classify.torch_model import ClassifierModel
 from detect.data import ImageInput, load_rgb
 from detect.persistence import WEIGHTS_FILE, read_weights, write_model_folder
-from synth.backbones import create_backbone, imagenet_normalization
-from synth.config import StrictModel, validate_config
-from synth.defect_set import GOOD, DefectSet, read_defect_set
-from synth.errors import InputError
-from synth.io import read_json_if_exists
+from synth.core.backbones import create_backbone, imagenet_normalization
+from synth.core.config import StrictModel, validate_config
+from synth.core.defect_set import GOOD, DefectSet, read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import read_json_if_exists
 
 logger = logging.getLogger(__name__)
 

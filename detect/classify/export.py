@@ -21,8 +21,8 @@ from torch import nn
 
 from detect.classify.classifier import DefectClassifier
 from detect.export import DEFAULT_OPSET, ExportCheckError, _quiet_export, _session, check_inputs, require_runtime
-from synth.errors import ConfigError, InputError
-from synth.io import write_json
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import write_json
 
 __all__ = ["METADATA_FILE", "export_classifier_onnx"]
 

@@ -30,10 +30,10 @@ from detect.runner import (
     save_into_place,
     write_rows_resumably,
 )
-from synth.config import validate_config
-from synth.defect_set import read_defect_set
-from synth.errors import InputError
-from synth.io import iter_paths, write_bytes, write_json
+from synth.core.config import validate_config
+from synth.core.defect_set import read_defect_set
+from synth.core.errors import InputError
+from synth.core.io import iter_paths, write_bytes, write_json
 
 logger = logging.getLogger(__name__)
 

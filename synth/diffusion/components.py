@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 DEFAULT_INPAINT_MODEL = "stabilityai/stable-diffusion-2-inpainting"
 PRETRAINED_OPTION = "--pretrained /path (YAML: pretrained: /path)"
@@ -69,7 +69,7 @@ def load_inpaint_components(pretrained: str | Path = DEFAULT_INPAINT_MODEL) -> I
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from synth.hub import load_pretrained
+    from synth.core.hub import load_pretrained
 
     source = str(pretrained)
 

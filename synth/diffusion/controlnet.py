@@ -19,7 +19,7 @@ with ``in_channels=4`` because diffusers' ``StableDiffusionControlNetInpaintPipe
 noisy latent channels and concatenates mask + masked-image latents only for the UNet; it is initialised from the
 UNet weights wherever the shapes agree (``conv_in``: the first 4 input channels, which are the latent channels of
 the inpainting UNet). Training data are the few (image, mask, class) defect samples of a labeled defect set
-(MVTec layout or ``synth generate`` output, read with :func:`synth.defect_set.read_defect_set`) or of a
+(MVTec layout or ``synth generate`` output, read with :func:`synth.core.defect_set.read_defect_set`) or of a
 ``masks/<class>/<name>.png`` + ``defects/`` folder pair. Each step draws random square crops that contain the
 defect, flips (and optional 90-degree turns) applied identically to image and mask, resizes to ``resolution`` and
 minimises the standard diffusion loss (MSE to the noise, or to the velocity for v-prediction models) of::
@@ -61,7 +61,9 @@ import cv2
 import numpy as np
 from pydantic import Field, field_validator, model_validator
 
-from synth.config import StrictModel, load_config
+from synth.core.config import StrictModel, load_config
+from synth.core.errors import InputError
+from synth.core.io import write_json
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
 from synth.diffusion.run_state import (
     CHECKPOINTS_DIR,
@@ -76,8 +78,6 @@ from synth.diffusion.run_state import (
     stream_seed,
     truncate_log,
 )
-from synth.errors import InputError
-from synth.io import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -191,7 +191,7 @@ def load_training_pairs(cfg: ControlNetTrainConfig) -> list[TrainingPair]:
     """The few (image, mask, class) defect samples; empty masks are skipped, none left is an InputError."""
     pairs: list[TrainingPair] = []
     if cfg.data is not None:
-        from synth.defect_set import read_defect_set
+        from synth.core.defect_set import read_defect_set
 
         dataset = read_defect_set(cfg.data)
         samples = dataset.select(anomalous=True)
@@ -376,6 +376,7 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
     import torch.nn.functional as F
     from accelerate.utils import set_seed
 
+    from synth.core.hub import load_pretrained
     from synth.diffusion.components import load_inpaint_components
     from synth.diffusion.trainer import (
         check_inpaint_model,
@@ -383,7 +384,6 @@ def train_controlnet(cfg: ControlNetTrainConfig, progress: bool = True) -> Path:
         make_accelerator,
         run_training_steps,
     )
-    from synth.hub import load_pretrained
 
     out = Path(cfg.out)
     final_dir = out / CONTROLNET_DIR

@@ -17,7 +17,7 @@ What this module implements
 - :class:`ClipEncoder` / :func:`load_clip_encoder`: a frozen open_clip ViT (default ``ViT-B-16`` with
   ``laion2b_s34b_b88k`` weights) giving, in CLIP's joint embedding space, the patch tokens + pooled embedding of an
   image and the token features + pooled embedding of a text. Offline, a pretrained tag that is not cached fails at
-  once with one :class:`~synth.errors.WeightsUnavailableError` naming model, tag and ``clip_checkpoint=``.
+  once with one :class:`~synth.core.errors.WeightsUnavailableError` naming model, tag and ``clip_checkpoint=``.
 - :class:`CrossModalSemanticModule` (CSM + ASEA): the target-text tokens (and its pooled embedding) are queries of
   one pre-norm cross-attention block over ``[reference image pooled + patch tokens; reference text pooled + tokens]``.
   ASEA is realised as a log-prior on the attention logits of the patch keys: the reference defect mask is pooled to
@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.clip_weights import is_random_clip_weights, quiet_random_init, resolve_clip_model_name, tag_weights
-from synth.errors import InputError, WeightsUnavailableError
+from synth.core.clip_weights import is_random_clip_weights, quiet_random_init, resolve_clip_model_name, tag_weights
+from synth.core.errors import InputError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -620,7 +620,7 @@ class CSMAdapter(nn.Module):
         """Write ``csm_adapter.safetensors`` + ``csm_adapter.json`` (config + ``metadata``) atomically."""
         from safetensors.torch import save_file
 
-        from synth.io import write_json
+        from synth.core.io import write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

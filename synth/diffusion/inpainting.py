@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 if TYPE_CHECKING:
     import torch

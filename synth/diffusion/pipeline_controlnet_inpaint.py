@@ -35,7 +35,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from synth.config import StrictModel, validate_config
+from synth.core.config import StrictModel, validate_config
+from synth.core.errors import InputError
+from synth.core.io import read_json_if_exists
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
 from synth.diffusion.controlnet import (
     CONTROLNET_DIR,
@@ -56,9 +58,7 @@ from synth.diffusion.inpainting import (
     to_uint8,
 )
 from synth.diffusion.run_state import CONFIG_RECORD
-from synth.errors import InputError
 from synth.generators import GeneratedDefect, register_generator
-from synth.io import read_json_if_exists
 
 # Placement keys that describe the alpha paint the placer also renders; that image is thrown away here.
 
@@ -154,7 +154,7 @@ class ControlNetInpaintGenerator:
         import torch
         from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
-        from synth.hub import load_pretrained
+        from synth.core.hub import load_pretrained
 
         folder, record = resolve_controlnet_dir(controlnet)
         self.controlnet_dir = folder

@@ -37,7 +37,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from synth.config import StrictModel, validate_config
+from synth.core.config import StrictModel, validate_config
+from synth.core.errors import InputError
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
 from synth.diffusion.controlnet import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -59,7 +60,6 @@ from synth.diffusion.inpainting import (
     repaint_region,
     to_uint8,
 )
-from synth.errors import InputError
 from synth.generators import GeneratedDefect, register_generator
 
 logger = logging.getLogger(__name__)
@@ -234,8 +234,8 @@ class CSMGenerator:
         if controlnet is not None:
             from diffusers import ControlNetModel, StableDiffusionControlNetInpaintPipeline
 
+            from synth.core.hub import load_pretrained
             from synth.diffusion.pipeline_controlnet_inpaint import resolve_controlnet_dir
-            from synth.hub import load_pretrained
 
             folder, _ = resolve_controlnet_dir(controlnet)
             self.controlnet_dir = folder

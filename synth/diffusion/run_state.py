@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from synth.errors import InputError
-from synth.io import read_json_if_exists, write_text
+from synth.core.errors import InputError
+from synth.core.io import read_json_if_exists, write_text
 
 CHECKPOINTS_DIR = "checkpoints"
 CONFIG_RECORD = "train_config.json"

@@ -40,7 +40,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from synth.config import StrictModel, load_config
+from synth.core.config import StrictModel, load_config
+from synth.core.errors import InputError
+from synth.core.io import write_json
 from synth.diffusion.components import DEFAULT_INPAINT_MODEL
 from synth.diffusion.controlnet import (
     DEFAULT_PROMPT_TEMPLATE,
@@ -61,8 +63,6 @@ from synth.diffusion.run_state import (
     stream_seed,
     truncate_log,
 )
-from synth.errors import InputError
-from synth.io import write_json
 
 if TYPE_CHECKING:
     import torch
@@ -125,7 +125,7 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 def load_defect_pairs(data: str | Path, shots: int | None = None) -> list[TrainingPair]:
     """The (image, mask, class) defect samples of a labeled defect set; empty masks skipped, none left: error."""
-    from synth.defect_set import read_defect_set
+    from synth.core.defect_set import read_defect_set
 
     dataset = read_defect_set(data)
     samples = dataset.select(anomalous=True)

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from synth.core.errors import InputError
 from synth.diffusion.run_state import CHECKPOINTS_DIR, LOSS_LOG, checkpoint_steps, quiet_accelerate, replace_dir
-from synth.errors import InputError
 
 if TYPE_CHECKING:
     import torch

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from synth.backbones import DEFAULT_BACKBONE, create_feature_extractor, freeze, imagenet_normalization
+from synth.core.backbones import DEFAULT_BACKBONE, create_feature_extractor, freeze, imagenet_normalization
 
 
 @dataclass

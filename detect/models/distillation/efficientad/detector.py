@@ -65,8 +65,8 @@ from detect.models.components.training import TrainingConfig, check_training_con
 from detect.models.distillation.efficientad.torch_model import MODEL_SIZES, TEACHER_CHANNELS, EfficientAdModel
 from detect.registry import register
 from detect.threshold import Calibration
-from synth.errors import ConfigError, InputError
-from synth.io import list_images
+from synth.core.errors import ConfigError, InputError
+from synth.core.io import list_images
 
 GENERIC_PHOTOS = ("astronaut", "camera", "cat", "coffee", "rocket", "hubble_deep_field", "retina",
                   "immunohistochemistry", "coins", "moon", "page", "text", "cell", "colorwheel")

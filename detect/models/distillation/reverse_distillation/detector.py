@@ -25,7 +25,7 @@ from detect.models.distillation.reverse_distillation.torch_model import (
     reset_parameters,
 )
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 
 @dataclass

@@ -51,7 +51,7 @@ from detect.models.components.training import TrainingConfig, check_training_con
 from detect.models.distillation.reverse_distillation.torch_model import reset_parameters
 from detect.models.distillation.uninet.torch_model import UniNetModel, uninet_loss
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 from synth.generators import DefectGenerator, make_generator
 
 DFS_MODES = ("train", "both", "off")

@@ -28,7 +28,7 @@ from detect.models.components.feature_extractor import BackboneConfig, build_fea
 from detect.models.components.training import FrozenFeatures
 from detect.models.feature_adaptation.cfa.torch_model import CfaModel
 from detect.registry import register
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 
 
 @dataclass

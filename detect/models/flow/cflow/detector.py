@@ -25,7 +25,7 @@ from detect.models.components.feature_extractor import BackboneConfig, build_fea
 from detect.models.components.training import FEATURE_CACHE_BYTES, TrainingConfig, check_training_config, train_loop
 from detect.models.flow.cflow.torch_model import CflowModel
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from detect.models.components.feature_extractor import BackboneConfig, build_fea
 from detect.models.components.training import FrozenFeatures, TrainingConfig, check_training_config, train_loop
 from detect.models.flow.fastflow.torch_model import FastflowModel
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 
 @dataclass

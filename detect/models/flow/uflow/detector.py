@@ -25,7 +25,7 @@ from detect.models.components.training import FrozenFeatures, TrainingConfig, ch
 from detect.models.flow.uflow.torch_model import UflowModel
 from detect.registry import register
 from detect.threshold import Calibration
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 NFA_PIXEL_THRESHOLD = 0.0  # -log10 NFA > 0  <=>  NFA < epsilon = 1
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from detect.models.foundation.vlm_ad.prompt import Message
 from detect.models.foundation.vlm_ad.schema import MalformedReply
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ def _resolve_device(device: str) -> str:
 
 def _offline_reason() -> str | None:
     """Why the Hugging Face hub cannot be used now (None when a download can be tried)."""
-    from synth.hub import hub_unavailable_reason
+    from synth.core.hub import hub_unavailable_reason
 
     return hub_unavailable_reason()
 

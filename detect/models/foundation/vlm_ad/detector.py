@@ -43,7 +43,7 @@ from detect.models.foundation.vlm_ad.schema import SEVERITY_WEIGHTS, Verdict
 from detect.models.foundation.vlm_ad.torch_model import VlmAdModel
 from detect.registry import register
 from detect.threshold import Calibration
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 

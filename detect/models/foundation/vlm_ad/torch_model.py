@@ -29,7 +29,7 @@ from torch import nn
 from detect.models.foundation.vlm_ad.backends import VlmBackend
 from detect.models.foundation.vlm_ad.prompt import build_messages, with_correction
 from detect.models.foundation.vlm_ad.schema import SEVERITY_WEIGHTS, MalformedReply, Verdict, parse_reply
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

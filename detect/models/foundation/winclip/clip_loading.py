@@ -26,14 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from synth.clip_weights import (
+from synth.core.clip_weights import (
     is_random_clip_weights,
     quiet_random_init,
     resolve_clip_model_name,
     tag_weights,
 )
-from synth.errors import InputError
-from synth.hub import hub_unavailable_reason
+from synth.core.errors import InputError
+from synth.core.hub import hub_unavailable_reason
 
 logger = logging.getLogger(__name__)
 

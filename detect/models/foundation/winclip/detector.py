@@ -44,7 +44,7 @@ from detect.models.foundation.winclip.clip_loading import LoadedClip, create_cli
 from detect.models.foundation.winclip.prompting import prompt_ensemble
 from detect.models.foundation.winclip.torch_model import IMAGE_SCORES, WinClipModel
 from detect.registry import register
-from synth.errors import ConfigError, InputError
+from synth.core.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from detect.data import ImageInput, iter_batches
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
 from detect.models.memory.dfkde.torch_model import SCALING_METHODS, DfkdeModel
 from detect.registry import register
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 
 @dataclass

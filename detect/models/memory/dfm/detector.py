@@ -14,7 +14,7 @@ from detect.data import ImageInput, iter_batches
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
 from detect.models.memory.dfm.torch_model import SCORE_TYPES, DfmModel
 from detect.registry import register
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

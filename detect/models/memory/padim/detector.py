@@ -12,7 +12,7 @@ from detect.data import ImageInput, iter_batches
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
 from detect.models.memory.padim.torch_model import PadimModel, RunningGaussian
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 
 @dataclass

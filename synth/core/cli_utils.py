@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from synth.errors import PixelVisionError
+from synth.core.errors import PixelVisionError
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ pretrained tag's local file, and quiet random initialisation, without ever touch
   open_clip cache (an explicit ``file`` entry, the hub file or its ``.safetensors`` twin, the ``~/.cache/clip``
   download of a URL tag).
 - :func:`tag_weights`: what to hand open_clip for a pretrained tag: its cached file, else the tag itself when
-  :func:`synth.hub.hub_unavailable_reason` allows a download now, else the caller's clear error (offline).
+  :func:`synth.core.hub.hub_unavailable_reason` allows a download now, else the caller's clear error (offline).
 - :func:`is_random_clip_weights`: "random" / "none" / "" / None ask for random initialisation.
 - :func:`quiet_random_init`: open_clip warns on the root logger when it builds random weights; expected for
   tests and for saved models whose weights file replaces every tensor.
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from synth.errors import InputError
-from synth.hub import hub_unavailable_reason
+from synth.core.errors import InputError
+from synth.core.hub import hub_unavailable_reason
 
 CLIP_CACHE_DIR = Path("~/.cache/clip")
 RANDOM_CLIP_WEIGHTS = ("random", "none", "")

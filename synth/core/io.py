@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from synth.errors import InputError
+from synth.core.errors import InputError
 
 
 def stable_hash(obj: object, digits: int = 64) -> str:

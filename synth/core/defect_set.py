@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from synth.errors import InputError
-from synth.io import (
+from synth.core.errors import InputError
+from synth.core.io import (
     DEFAULT_PNG_COMPRESSION,
     copy_file,
     durable_writes,
