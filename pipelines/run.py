@@ -36,10 +36,10 @@ import shutil
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -52,10 +52,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STAGES",
-    "STAGE_FUNCTIONS",
+    "STAGE_DEFINITIONS",
     "PipelineConfig",
     "RealismOptions",
     "ReportOptions",
+    "Stage",
     "StageContext",
     "StagePlan",
     "derive_seed",
@@ -66,16 +67,7 @@ __all__ = [
 
 FORMAT = "pixelvision-pipeline/1"
 DONE_FILE = "done.json"
-STAGES = ("generate", "filter", "fewshot", "classification", "decision", "realism", "report")
 DEFAULT_GENERATE_METHOD = "draem"
-# Keys of a section that the runner fills in itself (a user value would silently fight the runner's layout).
-RUNNER_KEYS = {
-    "generate": ("normal", "out"),
-    "filter": ("generated", "out"),
-    "fewshot": ("data",),  # and synthetic_set, unless the section sets it (see _fewshot_wants_shared)
-    "classification": ("data",),
-    "decision": ("data",),
-}
 
 
 class RealismOptions(StrictModel):
@@ -141,33 +133,6 @@ def _validate_section(model: type[BaseModel], data: dict[str, Any], *, source: s
         raise ConfigError(format_validation_error(source, exc, model=model, prefix=(section,))) from None
 
 
-def _section_models() -> dict[str, Callable[[], type[BaseModel]]]:
-    """Config class of each section, imported lazily (the pipelines pull in torch and timm)."""
-
-    def generate() -> type[BaseModel]:
-        from synth.config import GenerateConfig
-        return GenerateConfig
-
-    def filter_() -> type[BaseModel]:
-        from synth.filter import FilterConfig
-        return FilterConfig
-
-    def fewshot() -> type[BaseModel]:
-        from pipelines.fewshot import FewShotConfig
-        return FewShotConfig
-
-    def classification() -> type[BaseModel]:
-        from pipelines.classification import ClassificationConfig
-        return ClassificationConfig
-
-    def decision() -> type[BaseModel]:
-        from pipelines.decision import DecisionConfig
-        return DecisionConfig
-
-    return {"generate": generate, "filter": filter_, "fewshot": fewshot, "classification": classification,
-            "decision": decision}
-
-
 @dataclass
 class LoadedConfig:
     """A validated pipeline config, the typed config of each enabled section and the file it came from."""
@@ -210,18 +175,17 @@ def _fewshot_wants_shared(cfg: PipelineConfig) -> bool:
 def _check_sections(cfg: PipelineConfig, source: str) -> tuple[dict[str, BaseModel], dict[str, dict[str, Any]]]:
     sections: dict[str, BaseModel] = {}
     seeds: dict[str, dict[str, Any]] = {}
-    models = _section_models()
-    for stage in ("generate", "filter", "fewshot", "classification", "decision"):
-        raw = getattr(cfg, stage)
+    for stage, definition in STAGE_DEFINITIONS.items():
+        raw = getattr(cfg, stage) if definition.section is not None else None
         if raw is None:
             continue
-        owned = [k for k in RUNNER_KEYS[stage] if k in raw]
+        owned = [k for k in definition.runner_keys if k in raw]
         if owned:
             where = "the top-level 'data'" if owned == ["data"] else "the stage folder"
             raise ConfigError(f"{source}: key '{stage}.{owned[0]}': set by the pipeline ({where}); remove it.")
         seed = raw.get("seed", derive_seed(cfg.seed, stage))
         seeds[stage] = {"seed": seed, "from": "config" if "seed" in raw else "derived"}
-        model = models[stage]()
+        model = definition.section()
         if "seed" not in model.model_fields:
             seeds[stage]["from"] = "unused"
         data = _section_input(cfg, stage, seed)
@@ -311,23 +275,12 @@ class StagePlan:
     dir: Path
 
 
-def _input_paths(stage: str, section: BaseModel | None, cfg: PipelineConfig) -> dict[str, Path | None]:
-    if stage == "generate":
-        assert section is not None
-        return {"normal": section.normal, "masks": section.masks, "defects": section.defects,
-                "anomaly_source": section.anomaly_source}
-    if stage == "filter":
-        assert section is not None
-        return {"real_defects": section.real_defects, "normals": section.normals}
-    return {"data": cfg.data}
-
-
 def _stage_config(stage: str, loaded: LoadedConfig) -> dict[str, Any]:
     cfg = loaded.config
     section = loaded.sections.get(stage)
     if section is not None:
         settings = section.model_dump(mode="json")
-        for key in (*RUNNER_KEYS[stage], "generated"):
+        for key in (*STAGE_DEFINITIONS[stage].runner_keys, "generated"):
             settings.pop(key, None)
         if settings.get("synthetic_set") == str(PLACEHOLDER):
             settings["synthetic_set"] = None  # the shared set: covered by the dependency's hash
@@ -335,7 +288,7 @@ def _stage_config(stage: str, loaded: LoadedConfig) -> dict[str, Any]:
         settings = cfg.realism.model_dump(mode="json")
     else:
         settings = {}
-    inputs = _input_paths(stage, section, cfg)
+    inputs = STAGE_DEFINITIONS[stage].inputs(section, cfg)
     return {"settings": settings,
             "inputs": {k: None if v is None else {"path": str(Path(v).resolve()), "files": folder_fingerprint(v)}
                        for k, v in inputs.items()}}
@@ -359,24 +312,10 @@ def fewshot_makes_own_set(loaded: LoadedConfig) -> bool:
             and any(mode != "none" for mode in getattr(section, "synthetic", [])))
 
 
-def _dependencies(stage: str, loaded: LoadedConfig, enabled: set[str]) -> list[str]:
-    synthetic = "filter" if "filter" in enabled else "generate"
-    realism = [synthetic, "classification"] + (["fewshot"] if fewshot_makes_own_set(loaded) else [])
-    return {
-        "generate": [],
-        "filter": ["generate"],
-        "fewshot": [synthetic] if fewshot_uses_shared_set(loaded) else [],
-        "classification": [],
-        "decision": [],
-        "realism": [s for s in realism if s in enabled],
-    }[stage]
-
-
 def enabled_stages(loaded: LoadedConfig) -> list[str]:
     """The stages this config runs, in order (``report`` always)."""
-    out = [s for s in ("generate", "filter", "fewshot", "classification", "decision") if s in loaded.sections]
-    if loaded.config.realism is not None:
-        out.append("realism")
+    out = [name for name, stage in STAGE_DEFINITIONS.items()
+           if (name in loaded.sections if stage.section is not None else getattr(loaded.config, name) is not None)]
     return [*out, "report"]
 
 
@@ -388,7 +327,7 @@ def plan_stages(loaded: LoadedConfig) -> list[StagePlan]:
     for index, stage in enumerate(names, start=1):
         if stage == "report":
             continue
-        deps = {d: plans[d].hash for d in _dependencies(stage, loaded, enabled)}
+        deps = {d: plans[d].hash for d in STAGE_DEFINITIONS[stage].depends(loaded, enabled)}
         seed = loaded.seeds.get(stage, {}).get("seed")
         config = _stage_config(stage, loaded)
         digest = stable_hash({"format": FORMAT, "stage": stage, "config": config, "seed": seed, "deps": deps})
@@ -427,7 +366,44 @@ def synthetic_set_of(deps: dict[str, dict[str, Any]]) -> tuple[str, Path] | None
     return None
 
 
-def stage_generate(ctx: StageContext) -> dict[str, Any]:
+class GenerateResult(TypedDict):
+    """What the generate stage records (``done.json``, ``results.json["generate"]``)."""
+
+    set: str  # the labeled defect set's folder
+    method: str
+    n: int
+    seed: int
+    defect_samples: int
+    defect_classes: list[str]
+    generated: int  # samples written by the last run (a resumed run writes fewer)
+    resumed_from: int
+    skipped_files: list[Any]
+
+
+class FilterResult(TypedDict):
+    """What the filter stage records."""
+
+    set: str  # the kept defects' folder
+    method: str | None  # the generate stage's method
+    candidates: int
+    stage1_kept: int
+    kept: int
+    embedder: str
+    real_defects: str
+    skipped_files: list[Any]
+
+
+class RealismResult(TypedDict):
+    """What the realism stage records: KID and IC-LPIPS per synthetic set label."""
+
+    reference: str  # which real defects the sets were compared with
+    n_real_available: int
+    options: dict[str, Any]
+    seed: int
+    sets: dict[str, dict[str, Any]]
+
+
+def stage_generate(ctx: StageContext) -> GenerateResult:
     from synth.generate import generate
 
     section = ctx.section.model_copy(update={"out": ctx.plan.dir / "set"})
@@ -440,7 +416,7 @@ def stage_generate(ctx: StageContext) -> dict[str, Any]:
             "skipped_files": report.skipped_files}
 
 
-def stage_filter(ctx: StageContext) -> dict[str, Any]:
+def stage_filter(ctx: StageContext) -> FilterResult:
     from synth.filter import filter_defect_set
 
     generated = ctx.deps["generate"]
@@ -491,7 +467,7 @@ def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
     return sets
 
 
-def stage_realism(ctx: StageContext) -> dict[str, Any]:
+def stage_realism(ctx: StageContext) -> RealismResult:
     from pipelines.classification import seeded_subset
     from pipelines.realism import realism_metrics
     from synth.core.defect_set import read_defect_set
@@ -539,15 +515,100 @@ def stage_realism(ctx: StageContext) -> dict[str, Any]:
             "seed": seed, "sets": results}
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[StageContext], dict[str, Any]]] = {
-    "generate": stage_generate,
-    "filter": stage_filter,
-    "fewshot": stage_fewshot,
-    "classification": stage_classification,
-    "decision": stage_decision,
-    "realism": stage_realism,
+def _data_input(section: BaseModel | None, cfg: PipelineConfig) -> dict[str, Path | None]:
+    return {"data": cfg.data}
+
+
+def _generate_inputs(section: Any, cfg: PipelineConfig) -> dict[str, Path | None]:
+    return {"normal": section.normal, "masks": section.masks, "defects": section.defects,
+            "anomaly_source": section.anomaly_source}
+
+
+def _filter_inputs(section: Any, cfg: PipelineConfig) -> dict[str, Path | None]:
+    return {"real_defects": section.real_defects, "normals": section.normals}
+
+
+def _no_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    return []
+
+
+def _shared_set_stage(enabled: set[str]) -> str:
+    return "filter" if "filter" in enabled else "generate"
+
+
+def _fewshot_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    return [_shared_set_stage(enabled)] if fewshot_uses_shared_set(loaded) else []
+
+
+def _realism_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    wanted = [_shared_set_stage(enabled), "classification"] + (["fewshot"] if fewshot_makes_own_set(loaded) else [])
+    return [s for s in wanted if s in enabled]
+
+
+def _generate_config() -> type[BaseModel]:
+    from synth.config import GenerateConfig
+    return GenerateConfig
+
+
+def _filter_config() -> type[BaseModel]:
+    from synth.filter import FilterConfig
+    return FilterConfig
+
+
+def _fewshot_config() -> type[BaseModel]:
+    from pipelines.fewshot import FewShotConfig
+    return FewShotConfig
+
+
+def _classification_config() -> type[BaseModel]:
+    from pipelines.classification import ClassificationConfig
+    return ClassificationConfig
+
+
+def _decision_config() -> type[BaseModel]:
+    from pipelines.decision import DecisionConfig
+    return DecisionConfig
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of ``pipelines run``: its config section, its inputs, the stages it reads, and its function.
+
+    The engine (:func:`plan_stages`, :func:`run_stage`) treats every stage alike: the hash covers the section's
+    settings, the fingerprints of ``inputs``, the seed and the hashes of ``depends``; the result is cached in
+    ``done.json``.
+
+    run: the stage function, ``StageContext -> result dict`` (stored in ``done.json`` and results.json).
+    section: the pydantic model of the stage's config section, imported when first needed (the pipelines pull in
+        torch and timm); None for a stage configured by the top-level config (``realism``).
+    runner_keys: section keys the runner fills in itself (a user value would silently fight the runner's layout).
+    inputs: the folders whose file fingerprints enter the hash (``section, config -> {name: path}``).
+    depends: the stages whose results the stage reads (``loaded config, enabled stages -> names``).
+    warm: the stage's pipeline caches finished units under ``work/`` by their own keys (few-shot cells,
+        classifiers): a new stage folder starts from a copy of the latest sibling's ``work/``, so a changed
+        section recomputes only the units it affects. A copy, not links: the pipelines append to manifests.
+    """
+
+    run: Callable[[StageContext], Mapping[str, Any]]
+    section: Callable[[], type[BaseModel]] | None = None
+    runner_keys: tuple[str, ...] = ()
+    inputs: Callable[[Any, PipelineConfig], dict[str, Path | None]] = _data_input
+    depends: Callable[[LoadedConfig, set[str]], list[str]] = _no_dependencies
+    warm: bool = False
+
+
+STAGE_DEFINITIONS: dict[str, Stage] = {
+    "generate": Stage(stage_generate, _generate_config, ("normal", "out"), _generate_inputs),
+    "filter": Stage(stage_filter, _filter_config, ("generated", "out"), _filter_inputs,
+                    lambda loaded, enabled: ["generate"]),
+    # fewshot: synthetic_set is the runner's too, unless the section sets it (see _fewshot_wants_shared).
+    "fewshot": Stage(stage_fewshot, _fewshot_config, ("data",), depends=_fewshot_dependencies, warm=True),
+    "classification": Stage(stage_classification, _classification_config, ("data",), warm=True),
+    "decision": Stage(stage_decision, _decision_config, ("data",), warm=True),
+    "realism": Stage(stage_realism, depends=_realism_dependencies),
 }
-"""Looked up at run time, so tests (and extensions) can swap a stage."""
+"""The stages in run order. Looked up at run time, so tests (and extensions) can swap a stage."""
+STAGES = (*STAGE_DEFINITIONS, "report")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -572,16 +633,10 @@ def _read_done(plan: StagePlan) -> dict[str, Any] | None:
     return None
 
 
-# Stages whose pipeline caches finished units under ``work/`` by their own keys (few-shot cells, classifiers):
-# a new stage folder starts from a copy of the latest sibling's ``work/``, so a changed section recomputes only
-# the units it affects. A copy, not links: the pipelines append to manifests in place.
-WARM_STAGES = ("fewshot", "classification", "decision")
-
-
 def warm_start(plan: StagePlan) -> Path | None:
     """Copy ``work/`` of the most recently changed other folder of this stage into a fresh stage folder."""
     work = plan.dir / "work"
-    if plan.name not in WARM_STAGES or work.exists():
+    if not STAGE_DEFINITIONS[plan.name].warm or work.exists():
         return None
     siblings = [p for p in plan.dir.parent.glob(f"{plan.name}-*") if p != plan.dir and (p / "work").is_dir()]
     if not siblings:
@@ -620,7 +675,7 @@ def run_stage(plan: StagePlan, loaded: LoadedConfig, deps: dict[str, dict[str, A
         _say(f"{prefix}: finished units of {os.path.relpath(seeded, loaded.config.out)} copied in; the pipeline "
              f"reuses those whose keys still match", not progress)
     started = time.perf_counter()
-    result = STAGE_FUNCTIONS[plan.name](StageContext(plan, loaded, deps, progress))
+    result = STAGE_DEFINITIONS[plan.name].run(StageContext(plan, loaded, deps, progress))
     elapsed = round(time.perf_counter() - started, 3)
     write_json(plan.dir / DONE_FILE, {"format": FORMAT, "stage": plan.name, "hash": plan.hash, "deps": plan.deps,
                                       "seed": plan.seed, "config": plan.config, "elapsed_s": elapsed,

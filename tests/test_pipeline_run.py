@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,8 +147,8 @@ def counting_stages(monkeypatch):
             return out
         return stage
 
-    for name in run_module.STAGE_FUNCTIONS:
-        monkeypatch.setitem(run_module.STAGE_FUNCTIONS, name, fake(name))
+    for name, stage in run_module.STAGE_DEFINITIONS.items():
+        monkeypatch.setitem(run_module.STAGE_DEFINITIONS, name, replace(stage, run=fake(name)))
     return calls
 
 
@@ -256,12 +257,12 @@ def test_killed_stage_reruns(tmp_path, brick_set, counting_stages, monkeypatch):
     def crash(ctx):
         raise KeyboardInterrupt
 
-    original = run_module.STAGE_FUNCTIONS["generate"]
-    monkeypatch.setitem(run_module.STAGE_FUNCTIONS, "generate", crash)
+    original = run_module.STAGE_DEFINITIONS["generate"]
+    monkeypatch.setitem(run_module.STAGE_DEFINITIONS, "generate", replace(original, run=crash))
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(load_pipeline_config(data=config), progress=False)
     assert not list((tmp_path / "out" / "stages").glob("*/done.json"))
-    monkeypatch.setitem(run_module.STAGE_FUNCTIONS, "generate", original)
+    monkeypatch.setitem(run_module.STAGE_DEFINITIONS, "generate", original)
     result = run_pipeline(load_pipeline_config(data=config), progress=False)
     assert result["stages"]["generate"]["status"] == "ran" and counting_stages == {"generate": 1}
 
