@@ -347,16 +347,6 @@ def oracle(brick_set) -> Iterator[tuple[ScriptedServer, dict[str, Any]]]:
     srv.close()
 
 
-@pytest.fixture(scope="module")
-def test_split(brick_set):
-    samples = brick_set.select(split="test")
-    paths = [brick_set.image_path(s) for s in samples]
-    labels = np.array([s.is_anomalous for s in samples])
-    masks = np.stack([resize_mask(brick_set.load_mask(s), SIZE) if s.is_anomalous else np.zeros((SIZE, SIZE), bool)
-                      for s in samples])
-    return paths, labels, masks
-
-
 ORACLE_CONFIG = {"image_size": SIZE, "k_shot": 2, "model": "oracle-vlm", "retry_backoff": 0.0, "seed": 0}
 
 

@@ -8,6 +8,8 @@ pretrained tag's local file, and quiet random initialisation, without ever touch
   download of a URL tag).
 - :func:`tag_weights`: what to hand open_clip for a pretrained tag: its cached file, else the tag itself when
   :func:`synth.core.hub.hub_unavailable_reason` allows a download now, else the caller's clear error (offline).
+- :func:`build_open_clip`: the one ``open_clip.create_model`` call (seeded random weights that leave the global RNG
+  alone, the random-init warning dropped, a failed download told apart from a bad checkpoint).
 - :func:`is_random_clip_weights`: "random" / "none" / "" / None ask for random initialisation.
 - :func:`quiet_random_init`: open_clip warns on the root logger when it builds random weights; expected for
   tests and for saved models whose weights file replaces every tensor.
@@ -114,6 +116,33 @@ def tag_weights(tag_cfg: dict[str, Any], tag: str, unavailable: Callable[[str], 
     if blocker is not None:
         raise unavailable(f"they are not in the local cache and cannot be downloaded ({blocker})")
     return tag
+
+
+def build_open_clip(name: str, weights: str | None, *, seed: int, quick_gelu: bool, load_weights: bool = True,
+                    preprocess: dict[str, Any] | None = None, download_failed: Callable[[str], Exception],
+                    build_failed: Callable[[str], Exception]) -> Any:
+    """``open_clip.create_model`` as WinCLIP and CSM guidance both need it.
+
+    ``weights``: a local checkpoint file, a pretrained tag open_clip may download now (:func:`tag_weights`), or
+    None for random weights drawn from ``seed`` (the global torch RNG is left as it was). ``quick_gelu``: the
+    tag's activation (from its table entry, so the architecture is the same however the weights arrive).
+    ``preprocess``: normalisation to record on the model (``mean`` / ``std``). A failed download raises
+    ``download_failed(reason)``; any other build error (a checkpoint of another model) ``build_failed(reason)``.
+    """
+    import open_clip
+    import torch
+
+    try:
+        with torch.random.fork_rng(devices=[]), quiet_random_init():
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=weights, load_weights=load_weights,
+                                          force_quick_gelu=quick_gelu, force_preprocess_cfg=preprocess or None)
+    except InputError:
+        raise
+    except (RuntimeError, OSError, ValueError, KeyError) as exc:
+        if weights is not None and not Path(weights).is_file():  # a tag whose download failed
+            raise download_failed(f"the download failed ({exc})") from None
+        raise build_failed(str(exc)) from None
 
 
 class _DropRandomInitWarning(logging.Filter):

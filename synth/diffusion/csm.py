@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synth.core.clip_weights import is_random_clip_weights, quiet_random_init, resolve_clip_model_name, tag_weights
+from synth.core.clip_weights import build_open_clip, is_random_clip_weights, resolve_clip_model_name, tag_weights
 from synth.core.errors import InputError, WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -256,19 +256,14 @@ def load_clip_encoder(clip_model: str = DEFAULT_CLIP_MODEL, pretrained: str | No
 
     name = resolve_clip_name(clip_model)
     weights, tag_cfg = resolve_clip_weights(name, pretrained, checkpoint)
-    kwargs: dict[str, Any] = {}
-    if tag_cfg.get("mean") and tag_cfg.get("std"):
-        kwargs.update(image_mean=tuple(tag_cfg["mean"]), image_std=tuple(tag_cfg["std"]))
-    try:
-        with torch.random.fork_rng(devices=[]), quiet_random_init():
-            torch.manual_seed(seed)
-            model, _, _ = open_clip.create_model_and_transforms(
-                name, pretrained=weights, force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)), **kwargs)
-    except (RuntimeError, OSError, ValueError, KeyError) as exc:
-        if weights is not None and not Path(weights).is_file():  # a tag whose download failed
-            raise _clip_unavailable(name, str(pretrained), f"the download failed ({exc})") from None
-        raise InputError(f"could not build open_clip model {name!r} from {weights or 'random weights'!r}: {exc}; "
-                         f"pass a checkpoint that matches the model ({CLIP_CHECKPOINT_OPTION}).") from None
+    preprocess = ({"mean": tuple(tag_cfg["mean"]), "std": tuple(tag_cfg["std"])}
+                  if tag_cfg.get("mean") and tag_cfg.get("std") else None)
+    model = build_open_clip(
+        name, weights, seed=seed, quick_gelu=bool(tag_cfg.get("quick_gelu", False)), preprocess=preprocess,
+        download_failed=lambda reason: _clip_unavailable(name, str(pretrained), reason),
+        build_failed=lambda reason: InputError(
+            f"could not build open_clip model {name!r} from {weights or 'random weights'!r}: {reason}; pass a "
+            f"checkpoint that matches the model ({CLIP_CHECKPOINT_OPTION})."))
     source = str(weights) if weights is not None else f"random(seed={seed})"
     return ClipEncoder(model, open_clip.get_tokenizer(name), name=name, source=source)
 

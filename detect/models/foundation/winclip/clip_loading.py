@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from synth.core.clip_weights import (
+    build_open_clip,
     is_random_clip_weights,
-    quiet_random_init,
     resolve_clip_model_name,
     tag_weights,
 )
@@ -137,33 +136,25 @@ def create_clip(clip_model: str, pretrained: str | None, *, seed: int, loading: 
     ``loading``: built for ``detect.load``, whose weights file replaces every tensor, so the pretrained weights
     are not looked up (a saved model loads offline); the architecture is the same.
     """
-    import open_clip
-
     name = resolve_model_name(clip_model)
     cfg = tag_config(name, pretrained)
+    random_weights = loading or is_random_clip_weights(pretrained)
     schema = ":" in name  # "hf-hub:" / "local-dir:": open_clip takes config and weights from there
     if schema:
         check_hub_schema(name)
         checkpoint = None
-    elif loading or is_random_clip_weights(pretrained):
+    elif random_weights:
         checkpoint = None
     else:
         checkpoint = resolve_checkpoint(name, str(pretrained))
     # Tags trained with QuickGELU need that activation; taking it from the (offline) tag table makes the
     # architecture identical whether the weights come from the hub, the cache or a saved detector.
     quick_gelu = bool(cfg and cfg.get("quick_gelu", False))
-    with torch.random.fork_rng(devices=[]), quiet_random_init():
-        torch.manual_seed(seed)
-        try:
-            model = open_clip.create_model(name, pretrained=checkpoint, force_quick_gelu=quick_gelu,
-                                           load_weights=not (loading or is_random_clip_weights(pretrained)))
-        except InputError:
-            raise
-        except (RuntimeError, OSError, ValueError, KeyError) as exc:
-            if checkpoint is not None and not Path(checkpoint).is_file():
-                raise _offline_error(name, str(pretrained), f"the download failed ({exc})") from None
-            raise InputError(f"winclip: could not build open_clip model {name!r} with pretrained={pretrained!r}: "
-                             f"{exc}") from None
+    model = build_open_clip(
+        name, checkpoint, seed=seed, quick_gelu=quick_gelu, load_weights=not random_weights,
+        download_failed=lambda reason: _offline_error(name, str(pretrained), reason),
+        build_failed=lambda reason: InputError(f"winclip: could not build open_clip model {name!r} with "
+                                               f"pretrained={pretrained!r}: {reason}"))
     model.eval()
     preprocess = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = tuple((cfg or {}).get("mean") or preprocess.get("mean") or OPENAI_MEAN)
