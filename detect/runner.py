@@ -62,8 +62,10 @@ def calibrate_model(model_dir: str | Path, data: str | Path, out: str | Path | N
     model_dir = Path(model_dir)
     out = Path(out) if out is not None else model_dir
     check_output_folder(out)
+    # Before loading: a killed fit or calibrate may have left the model moved aside mid-swap.
+    for folder in {model_dir, out}:
+        _recover_interrupted_fit(folder)
     detector = load(model_dir).calibrate(data, target_fpr=target_fpr)
-    _recover_interrupted_fit(out)
     save_into_place(detector.save, out)
     logger.info("calibrated %s on %s; saved to %s", detector.name, data, out)
     _print_decision(detector)
