@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import numbers
+import operator
 import os
 import types
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Strict, ValidationError, create_model
 from torch import nn
 from tqdm import tqdm
 
@@ -46,46 +47,58 @@ logger = logging.getLogger(__name__)
 
 @functools.cache
 def _field_types(cls: type) -> dict[str, Any]:
-    """Resolved annotations of a config dataclass (cached; empty when they cannot be resolved)."""
+    """Resolved annotations of a config dataclass's fields (cached; empty when they cannot be resolved)."""
     try:
-        return typing.get_type_hints(cls)
+        hints = typing.get_type_hints(cls)
     except (NameError, TypeError):  # an annotation only importable for type checkers: skip type checks
         return {}
+    return {f.name: hints[f.name] for f in fields(cls) if f.name in hints}
 
 
-def _value_matches(value: Any, hint: Any) -> tuple[bool, str]:
-    """Whether ``value`` fits a config field's annotation, and the annotation in words for the error message.
-
-    Lenient where JSON/YAML round trips change the container (tuple <-> list) or numpy scalars come in; strict
-    where a wrong type would fail later with an unrelated error (strings for numbers, floats for integers).
-    """
+def _strict_scalars(hint: Any) -> Any:
+    """``hint`` with its scalar types made strict (no "3" for 3, no 1.5 or true for an integer); containers
+    stay lax, so the lists that a JSON/YAML round trip makes of tuples (and tuples of lists) still pass."""
+    if hint in (bool, int, float, str):
+        return Annotated[hint, Strict()]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        arms = [a for a in args if a is not type(None)]
-        words = " or ".join(_value_matches(None, a)[1] for a in arms)
-        if len(arms) < len(args):
-            if value is None:
-                return True, f"{words} or null"
-            words = f"{words} or null"
-        return any(_value_matches(value, a)[0] for a in arms), words
-    not_bool = not isinstance(value, (bool, np.bool_))
-    if hint is bool:
-        return isinstance(value, (bool, np.bool_)), "true or false"
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not_bool, "an integer"
-    if hint is float:
-        return isinstance(value, numbers.Real) and not_bool, "a number"
-    if hint is str:
-        return isinstance(value, (str, os.PathLike)), "a string"
+        return functools.reduce(operator.or_, (_strict_scalars(a) for a in args))
+    if origin in (list, tuple, Sequence) and args:
+        return list[_strict_scalars(args[0])] if origin is not tuple or args[-1] is Ellipsis else hint
+    return hint
+
+
+@functools.cache
+def _type_checker(cls: type) -> type[BaseModel]:
+    """A pydantic model with one field per annotated config field: the type check of every DetectorConfig."""
+    return create_model(f"{cls.__name__}Types", __config__=ConfigDict(arbitrary_types_allowed=True),
+                        **{name: (_strict_scalars(hint), ...) for name, hint in _field_types(cls).items()})
+
+
+def _plain(value: Any) -> Any:
+    """What the type check sees: numpy scalars as Python numbers and paths as strings (both are accepted)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _describe(hint: Any) -> str:
+    """A config field's annotation in the words of the error message (``an integer``, ``a number or null``)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        words = " or ".join(_describe(a) for a in args if a is not type(None))
+        return f"{words} or null" if type(None) in args else words
     if origin is typing.Literal:
-        return value in args, "one of " + ", ".join(repr(a) for a in args)
+        return "one of " + ", ".join(repr(a) for a in args)
     if hint in (list, tuple) or origin in (list, tuple, Sequence):
-        item = args[0] if args else Any
-        words = f"a list ({_value_matches(None, item)[1]} each)" if item is not Any else "a list"
-        return isinstance(value, (list, tuple)) and all(_value_matches(v, item)[0] for v in value), words
+        return f"a list ({_describe(args[0])} each)" if args and args[0] is not Any else "a list"
     if hint is dict or origin is dict:
-        return isinstance(value, dict), "a mapping"
-    return True, "any value"
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, "any value")
 
 
 @dataclass
@@ -122,10 +135,11 @@ class DetectorConfig:
     def __post_init__(self) -> None:
         # Types first: a YAML/--set value such as image_size=abc must name its key, not fail in a comparison below.
         hints = _field_types(type(self))
-        for f in fields(self):
-            if f.name in hints:
-                ok, allowed = _value_matches(getattr(self, f.name), hints[f.name])
-                self.check(ok, f.name, allowed)
+        try:
+            _type_checker(type(self)).model_validate({name: _plain(getattr(self, name)) for name in hints})
+        except ValidationError as exc:  # the first bad field, in declaration order, as before
+            key = str(exc.errors()[0]["loc"][0])
+            self.check(False, key, _describe(hints[key]))
         self.check(self.seed >= 0, "seed", "an integer >= 0")
         self.check(self.image_size >= 32 and self.image_size % 8 == 0, "image_size", "a multiple of 8, >= 32")
         self.check(self.batch_size >= 1, "batch_size", ">= 1")
@@ -342,27 +356,61 @@ class Detector:
             self._calibrate_on(val if scheme == "val" else held_out or images, scheme)
         return self
 
-    def calibrate(self, val: DefectSet | str | Path | list[ImageInput], *, target_fpr: float | None = None,
-                  threshold_method: str | None = None) -> Detector:
+    def calibrate(self, val: DefectSet | str | Path | list[ImageInput] | None = None, *,
+                  anomalies: DefectSet | str | Path | AnomalySamples | Sequence[tuple[ImageInput, Any]] | None = None,
+                  target_fpr: float | None = None, threshold_method: str | None = None) -> Detector:
         """Set the decision threshold of a fitted detector from validation data; the weights do not change.
 
         The step ``fit`` ends with, on its own: after ``fit(calibrate=False)``, or to re-set a saved model's
         threshold on good parts of a changed line (``detect calibrate``). ``val``: normal images the model did not
         train on (a folder or a list), or a defect set / MVTec folder whose ``test`` split (labels and masks) is
-        used. ``target_fpr`` / ``threshold_method`` replace the config's values (validated, kept when saved).
+        used. ``anomalies``: labeled anomalous images the model did not train on (real, or synthetic such as a
+        generated set's calibration share; the forms of :func:`resolve_anomalies`): with ``val`` they join its
+        images; without ``val`` the normals are the ones the last ``fit`` held out, with the scores they had
+        there (a cross-fitted normal is not scored again by the deployed model, which trained on it), and the
+        pixel threshold is kept. ``target_fpr`` / ``threshold_method`` replace the config's values (validated,
+        kept when saved).
         """
         if not self.fitted:
             raise InputError(f"{self.name}: the model is not fitted; call fit() or load a saved model before "
                              f"calibrating its threshold.")
+        if val is None and anomalies is None:
+            raise InputError(f"{self.name}: calibrate() needs val= (normal images the model did not train on, or a "
+                             f"labeled defect set) or anomalies= (scored against the normals fit held out).")
+        if val is None and self.calibration_scores is None:
+            raise InputError(f"{self.name}: no held-out normal scores to add the anomalies to (they are kept only "
+                             f"by the detector that ran fit(), not by a loaded one); give val= normal images too.")
+        extra = resolve_anomalies(anomalies) if anomalies is not None else None
         changes = {k: v for k, v in (("target_fpr", target_fpr), ("threshold_method", threshold_method))
                    if v is not None}
         if changes:
             self.config = replace(self.config, **changes)  # __post_init__ checks the new values
-        self._calibrate_on(val, "val")
+        if val is None:
+            assert extra is not None
+            self.calibration = self._calibration_with(extra)
+        else:
+            self._calibrate_on(val, "val", extra)
         return self
 
-    def _calibrate_on(self, images: Any, scheme: str) -> None:
-        self.calibration = self._calibrate(self._validation_data(images, [], scheme=scheme))
+    def _calibrate_on(self, images: Any, scheme: str, anomalies: AnomalySamples | None = None) -> None:
+        self.calibration = self._calibrate(self._validation_data(images, [], scheme=scheme, anomalies=anomalies))
+
+    def _calibration_with(self, anomalies: AnomalySamples) -> Calibration:
+        """The last fit's held-out normal scores (and views) against newly scored anomalies; pixel threshold kept."""
+        held = self.calibration_scores
+        assert held is not None
+        scores = self._predict_raw(anomalies.images).scores
+        calibration = calibrate(held.normal, scores, method=self.config.threshold_method,
+                                q=self.config.threshold_percentile, anomalies_are=anomalies.source,
+                                target_fpr=self.config.target_fpr, view_scores=held.views, scheme=held.scheme)
+        previous = self.calibration
+        if previous is not None:
+            calibration.pixel_threshold = previous.pixel_threshold
+            calibration.pixel_min, calibration.pixel_max = previous.pixel_min, previous.pixel_max
+            if calibration.target_fpr is not None and previous.atypical_normals:
+                _note_atypical_normals(calibration, previous.atypical_normals)
+        self.calibration_scores = replace(held, anomalous=scores, anomalies_are=anomalies.source)
+        return calibration
 
     def calibration_scheme(self, n_images: int, val: Any = None) -> str:
         """How ``fit`` holds normals out for the threshold: "val", "crossfit", "holdout" or "in-sample"."""
@@ -405,7 +453,8 @@ class Detector:
         return ValidationData.concatenate(parts), np.concatenate(scores), np.concatenate(maps)
 
     def _validation_data(self, val: DefectSet | str | Path | list | None, fallback: list[ImageInput], *,
-                         scheme: str = "holdout", seed: Any = None) -> ValidationData:
+                         scheme: str = "holdout", seed: Any = None, anomalies: AnomalySamples | None = None
+                         ) -> ValidationData:
         if isinstance(val, (str, Path)) and Path(val).is_dir() and (Path(val) / "test").is_dir():
             val = read_defect_set(val)
         if isinstance(val, DefectSet):
@@ -417,6 +466,11 @@ class Detector:
         else:
             images = resolve_images(val) if val is not None else list(fallback)
             data = ValidationData(images, np.zeros(len(images), bool), [None] * len(images), scheme=scheme)
+        if anomalies is not None:  # given anomalies join the validation images (their source names the mix)
+            source = data.anomalies_are if data.labels.any() else anomalies.source
+            added = ValidationData(list(anomalies.images), np.ones(len(anomalies), bool), list(anomalies.masks))
+            data = ValidationData.concatenate([data, added])
+            data.anomalies_are = source
         seed = self.config.seed if seed is None else seed
         if self.config.threshold_method == "fpr" and self.config.calibration_views > 0:
             data = add_views(data, self.config.calibration_views, seed=seed)
@@ -451,11 +505,7 @@ class Detector:
             images = [data.images[i] for i in np.flatnonzero(normal)]
             names = [_image_name(images[i], i) for i in atypical_normals(scores[normal])]
             if names:
-                calibration.atypical_normals = names
-                note = (f"{len(names)} normal image(s) score far above the other held-out normals "
-                        f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): check that they are good "
-                        f"parts; they raise the threshold.")
-                calibration.warning = f"{calibration.warning} {note}" if calibration.warning else note
+                _note_atypical_normals(calibration, names)
         return calibration
 
     @torch.no_grad()
@@ -511,6 +561,15 @@ def _image_name(item: ImageInput, index: int) -> str:
 
 def _seed_list(seed: Any) -> list[int]:
     return [int(s) for s in np.atleast_1d(seed)]
+
+
+def _note_atypical_normals(calibration: Calibration, names: list[str]) -> None:
+    """Name the held-out normals that score like outliers in the calibration's warning."""
+    calibration.atypical_normals = names
+    note = (f"{len(names)} normal image(s) score far above the other held-out normals "
+            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}): check that they are good "
+            f"parts; they raise the threshold.")
+    calibration.warning = f"{calibration.warning} {note}" if calibration.warning else note
 
 
 def add_views(data: ValidationData, count: int, *, seed: Any) -> ValidationData:

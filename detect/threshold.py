@@ -48,7 +48,8 @@ class Calibration:
     pixel_max: float | None = None
     num_normal: int = 0
     num_anomalous: int = 0
-    # The operating point (method "fpr"; None for the other methods and for models saved before it existed).
+    # The operating point on the calibration data (None for models saved before it existed); ``target_fpr`` and
+    # the tail fields for method "fpr" only.
     target_fpr: float | None = None
     estimated_recall: float | None = None  # share of the calibration anomalies at or above the threshold
     calibration_fpr: float | None = None  # share of the held-out normals (and views) at or above it
@@ -157,15 +158,16 @@ def calibrate(normal_scores: np.ndarray, anomalous_scores: np.ndarray | None = N
     calibration = Calibration(image_threshold=threshold, method=name, score_min=float(all_scores.min()),
                               score_max=float(all_scores.max()), num_normal=int(normal.size),
                               num_anomalous=int(anomalous.size), scheme=scheme)
+    # The operating point on the calibration data, whatever set the threshold: normals (and views) flagged, and
+    # the share of the calibration anomalies caught.
+    calibration.estimated_recall = float((anomalous >= threshold).mean()) if anomalous.size else None
+    calibration.calibration_fpr = float((np.r_[normal, views] >= threshold).mean())
+    calibration.num_views = int(views.size)
+    calibration.anomalies_are = anomalies_are if anomalous.size else None
     if tail is not None:
-        held_out = np.r_[normal, views]
         calibration.target_fpr = float(target_fpr)
-        calibration.estimated_recall = float((anomalous >= threshold).mean()) if anomalous.size else None
-        calibration.calibration_fpr = float((held_out >= threshold).mean())
-        calibration.num_views = int(views.size)
         calibration.tail = tail.tail
         calibration.normals_needed = tail.normals_needed
-        calibration.anomalies_are = anomalies_are if anomalous.size else None
         calibration.warning = tail.warning
     if normal_maps is not None:
         normal_pixels = _subsample_pixels(np.asarray(normal_maps, dtype=np.float32).ravel())

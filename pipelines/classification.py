@@ -40,7 +40,7 @@ import shutil
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import cv2
 import numpy as np
@@ -283,7 +283,20 @@ def _result_file(workdir: Path, method: str) -> Path:
     return workdir / "results" / f"{method.replace(':', '_')}.json"
 
 
-def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bool = True) -> dict:
+class ClassificationResult(TypedDict):
+    """What the classification stage records (``classification.json``, ``results.json["classification"]``)."""
+
+    kind: Literal["classification"]
+    classes: list[str]
+    split: dict[str, dict[str, list[str]]]  # class -> train / test -> the real images of that part
+    methods: dict[str, dict[str, Any]]  # "synthetic:<method>" or a baseline -> accuracy over seeds, per-class F1
+    generated_sets: dict[str, str]  # method -> its generated defect set's folder
+    seeds: dict[str, Any]
+    steps: int
+    config: dict[str, Any]
+
+
+def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bool = True) -> ClassificationResult:
     """Run the protocol for ``synthetic:<cfg.method>`` and ``cfg.baselines``; returns a JSON-safe summary.
 
     Finished classifiers are cached in ``workdir/results/<method>.json`` under a hash of everything they depend
@@ -373,7 +386,7 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
         logger.info("%s: mean accuracy %.3f", name, result["mean_accuracy"])
         methods[name] = result
 
-    summary = {
+    summary: ClassificationResult = {
         "kind": "classification",
         "classes": classes,
         "split": split_paths,

@@ -57,7 +57,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from pydantic import Field, field_validator
@@ -613,7 +613,26 @@ def _verdicts(rows: list[dict[str, Any]], shots: list[int]) -> list[dict[str, An
     return out
 
 
-def run_decision(cfg: DecisionConfig, workdir: Path, *, progress: bool = True) -> dict[str, Any]:
+class DecisionResult(TypedDict):
+    """What the decision stage records (``decision.json``, ``results.json["decision"]``)."""
+
+    kind: Literal["decision"]
+    data: str
+    classes: list[str]
+    tasks: list[str]
+    shots: list[int]
+    arms: list[str]
+    repeats: int
+    cells: list[dict[str, Any]]  # one per (task, arm, k, repeat): its result, realism and synthetic set
+    rows: list[dict[str, Any]]  # the cells aggregated over repeats (decision_rows)
+    verdicts: list[dict[str, Any]]  # per task metric and k: the best arm, whether real+synthetic beats real
+    leak_check: dict[str, int]  # evaluation images and generation inputs counted; "shared" must stay 0
+    exemplars: dict[str, str]
+    elapsed_s: float
+    config: dict[str, Any]
+
+
+def run_decision(cfg: DecisionConfig, workdir: Path, *, progress: bool = True) -> DecisionResult:
     """Run (or reuse) every set and cell of the table; returns the JSON-safe summary (also ``decision.json``)."""
     cfg = validate_config(DecisionConfig, cfg.model_dump(), source="decision config")
     workdir = Path(workdir).resolve()
@@ -666,7 +685,7 @@ def run_decision(cfg: DecisionConfig, workdir: Path, *, progress: bool = True) -
                                   "result": result, "realism": realism,
                                   "set": str(synthetic.root) if synthetic is not None else None})
     rows = decision_rows(cells)
-    summary = {
+    summary: DecisionResult = {
         "kind": "decision",
         "data": str(cfg.data),
         "classes": classes,

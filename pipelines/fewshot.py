@@ -34,9 +34,10 @@ Synthetic set
 
 Synthetic modes
     - ``none``: fit on the k shots; the threshold is the detector's own calibration (above): normals only set it.
-    - ``threshold``: the *same fitted model* as ``none`` (one fit serves both cells); the threshold is
-      ``detect.threshold.f1_optimal_threshold`` on the held-out normal scores of the calibration + the synthetic
-      set's calibration anomalies (scored by the evaluated model). The weights do not change, so image/pixel
+    - ``threshold``: the *same fitted model* as ``none`` (one fit serves both cells), re-calibrated with
+      ``Detector.calibrate(anomalies=..., threshold_method="f1")``: the F1-optimal threshold on the held-out
+      normal scores of the fit's calibration + the synthetic set's calibration anomalies (scored by the
+      evaluated model). The weights do not change, so image/pixel
       AUROC equal those of ``none`` exactly; only the decision changes.
     - ``train``: only for models with ``supports_anomalies`` (supersimplenet, draem, uninet): fit with
       ``anomalies=`` the training anomalies (``AnomalySamples``, source "synthetic"), threshold as in ``none``.
@@ -72,7 +73,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import numpy as np
 from pydantic import Field, ValidationInfo, field_validator
@@ -83,7 +84,6 @@ from detect.base import AnomalySamples
 from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_mask
 from detect.metrics import evaluate, roc_points
-from detect.threshold import f1_optimal_threshold
 from synth.config import GenerateConfig
 from synth.core.config import StrictModel, validate_config
 from synth.core.defect_set import GOOD, read_defect_set
@@ -444,8 +444,6 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
 
     test = detector.predict(data.test)
     metrics = evaluate(test.scores, data.labels, test.anomaly_maps if data.masks is not None else None, data.masks)
-    uses_synthetic = synthetic is not None and "threshold" in unit.modes
-    synthetic_scores = detector.predict(synthetic.calibration).scores if uses_synthetic else None
     fit_images = len(shots) if held_out.scheme != "holdout" else len(shots) - calibration.num_normal
     base = {
         "model": unit.model, "k": unit.k, "k_images": len(shots), "repeat": unit.repeat, "seed": seed,
@@ -461,24 +459,19 @@ def _fit_unit(cfg: FewShotConfig, unit: _Unit, data: _Data, shots: list[Path],
     }
     cells = {}
     for mode in unit.modes:
-        if mode in ("none", "train"):
-            threshold, method = calibration.image_threshold, calibration.method
-            # calibration_fpr: share of the held-out normals (and views) flagged at fit time, beside image_fpr measured
-            # on the test normals.
-            extra = {"calibration_anomalies": calibration.num_anomalous,
-                     "estimated_recall": calibration.estimated_recall, "threshold_tail": calibration.tail,
-                     "threshold_warning": calibration.warning, "calibration_fpr": calibration.calibration_fpr}
-        else:
-            assert synthetic_scores is not None
-            scores = np.r_[held_out.normal, synthetic_scores]
-            labels = np.r_[np.zeros(len(held_out.normal), bool), np.ones(len(synthetic_scores), bool)]
-            threshold, method = f1_optimal_threshold(scores, labels), "f1-synthetic"
-            extra = {"calibration_anomalies": len(synthetic_scores),
-                     "estimated_recall": float((synthetic_scores >= threshold).mean()), "threshold_tail": None,
-                     "threshold_warning": None,
-                     "calibration_fpr": float((np.r_[held_out.normal, held_out.views] >= threshold).mean())}
-        cells[mode] = {**base, "synthetic": mode, "threshold": float(threshold), "threshold_method": method,
-                       **extra, **_at_threshold(test.scores, data.labels, float(threshold))}
+        chosen = calibration  # "none" / "train": the fit's own threshold
+        if mode == "threshold":  # the same weights, re-calibrated: F1 on the held-out normals + synthetic anomalies
+            assert synthetic is not None
+            anomalies = AnomalySamples(synthetic.calibration, [None] * len(synthetic.calibration), "synthetic")
+            chosen = detector.calibrate(anomalies=anomalies, threshold_method="f1").calibration
+            assert chosen is not None
+        # calibration_fpr: share of the held-out normals (and views) flagged at fit time, beside image_fpr measured
+        # on the test normals.
+        cells[mode] = {**base, "synthetic": mode, "threshold": chosen.image_threshold,
+                       "threshold_method": chosen.method, "calibration_anomalies": chosen.num_anomalous,
+                       "estimated_recall": chosen.estimated_recall, "threshold_tail": chosen.tail,
+                       "threshold_warning": chosen.warning, "calibration_fpr": chosen.calibration_fpr,
+                       **_at_threshold(test.scores, data.labels, chosen.image_threshold)}
     return cells
 
 
@@ -512,7 +505,24 @@ def _aggregate(cells: list[dict[str, Any]]) -> dict[str, Any]:
     return row
 
 
-def run_fewshot(cfg: FewShotConfig, workdir: Path, *, progress: bool = True) -> dict[str, Any]:
+class FewShotResult(TypedDict):
+    """What the few-shot stage records (``fewshot.json``, ``results.json["fewshot"]``)."""
+
+    kind: Literal["fewshot"]
+    shots: list[Shot]
+    rows: list[dict[str, Any]]  # one per (model, synthetic mode, k): means and stds over the repeats (METRICS)
+    roc: dict[str, dict[str, list[float]]]  # "model|mode|k=K" -> thinned ROC of the first repeat
+    synthetic_set: str | None  # the synthetic set's folder (or the folder of the per-shot sets)
+    synthetic_counts: dict[str, int] | None
+    n_train: int
+    test_counts: dict[str, int]
+    shot_order: dict[str, list[str]]  # repeat -> the pool's image names in the order shots are taken
+    seeds: dict[str, Any]
+    cells_reused: int
+    config: dict[str, Any]
+
+
+def run_fewshot(cfg: FewShotConfig, workdir: Path, *, progress: bool = True) -> FewShotResult:
     """Run every (model, k, synthetic mode, repeat) cell, reusing finished ones; returns the JSON-safe summary.
 
     Raises:
@@ -609,7 +619,7 @@ def run_fewshot(cfg: FewShotConfig, workdir: Path, *, progress: bool = True) -> 
                 first = members[0]
                 if first.get("roc"):
                     roc[f"{model}|{mode}|k={k}"] = first["roc"]
-    result = {
+    result: FewShotResult = {
         "kind": "fewshot", "shots": list(cfg.shots), "rows": rows, "roc": roc,
         "synthetic_set": source.summary(),
         "synthetic_counts": next(iter(source.sets.values())).counts if source.sets else None,

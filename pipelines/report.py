@@ -17,7 +17,7 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from pipelines.report_html import esc, figure_uri, img, note, num, pyplot, secti
 from synth.core.errors import InputError
 from synth.core.io import write_json, write_text
 from synth.masks import overlay_mask
+
+if TYPE_CHECKING:
+    from pipelines.run import RunResult
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +141,7 @@ def sample_grid(folder: str | Path, count: int) -> tuple[str | None, dict[str, i
 # sections
 # --------------------------------------------------------------------------------------------------
 
-def _summary(result: dict[str, Any]) -> str:
+def _summary(result: RunResult) -> str:
     parts = [table(["", ""], [["name", str(result.get("name", ""))], ["data", str(result.get("data", ""))],
                                ["output", str(result.get("out", ""))],
                                ["config file", str(result.get("config_source", ""))],
@@ -185,7 +188,7 @@ def _summary(result: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _config(result: dict[str, Any]) -> str:
+def _config(result: RunResult) -> str:
     parts = []
     text = result.get("config_text")
     if text:
@@ -209,7 +212,7 @@ def _config(result: dict[str, Any]) -> str:
     return "".join(parts) or note("no config recorded")
 
 
-def _samples(result: dict[str, Any]) -> str:
+def _samples(result: RunResult) -> str:
     sets = result.get("synthetic_sets") or {}
     if not sets:
         return note("not run: no synthetic set was generated (no 'generate' or 'classification' section).")
@@ -273,7 +276,7 @@ def _fewshot_curves(few: dict[str, Any]) -> str | None:
     return figure_uri(fig)
 
 
-def _fewshot(result: dict[str, Any]) -> str:
+def _fewshot(result: RunResult) -> str:
     few = result.get("fewshot")
     if not few:
         return note("not run (no 'fewshot' section in the config).")
@@ -332,7 +335,7 @@ def _parse_roc_key(key: str) -> tuple[str, str, str]:
     return model, synthetic, k
 
 
-def _roc(result: dict[str, Any]) -> str:
+def _roc(result: RunResult) -> str:
     few = result.get("fewshot")
     if not few:
         return note("not run (ROC curves come from the few-shot detection stage).")
@@ -403,7 +406,7 @@ def _confusion_figure(methods: dict[str, Any], classes: list[str]) -> str | None
     return figure_uri(fig)
 
 
-def _classification(result: dict[str, Any]) -> str:
+def _classification(result: RunResult) -> str:
     clf = result.get("classification")
     if not clf:
         return note("not run (no 'classification' section in the config).")
@@ -441,7 +444,7 @@ def _classification(result: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _realism(result: dict[str, Any]) -> str:
+def _realism(result: RunResult) -> str:
     real = result.get("realism")
     if not real:
         return note("not run (set 'realism: true' in the config).")
@@ -463,7 +466,7 @@ def _realism(result: dict[str, Any]) -> str:
             + table(["synthetic set", "KID", "IC-LPIPS", "clusters", "real", "generated", "defect crops"], rows))
 
 
-def _decision(result: dict[str, Any]) -> str:
+def _decision(result: RunResult) -> str:
     from pipelines.decision_report import decision_section  # imports this module: loaded on use
 
     return decision_section(result)
@@ -481,7 +484,7 @@ SECTION_BUILDERS = {
 }
 
 
-def render_report(result: dict[str, Any]) -> str:
+def render_report(result: RunResult) -> str:
     """The HTML page for a (redacted) result dict; a section that fails to draw shows the error, not a crash."""
     title = (result.get("report_options") or {}).get("title") or f"PixelVision pipeline: {result.get('name', '')}"
     body = []
@@ -517,7 +520,7 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_report(result: dict[str, Any], out_dir: Path) -> Path:
+def write_report(result: RunResult, out_dir: Path) -> Path:
     """Write ``report.html`` and ``results.json`` (both redacted) into ``out_dir``; returns the HTML path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -47,6 +47,11 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from synth.core.config import StrictModel, format_validation_error, read_yaml, validate_config
 from synth.core.errors import ConfigError, InputError
 from synth.core.io import read_json_if_exists, stable_hash, write_json
+
+if TYPE_CHECKING:  # the stage modules are imported when their stage runs
+    from pipelines.classification import ClassificationResult
+    from pipelines.decision import DecisionResult
+    from pipelines.fewshot import FewShotResult
 
 logger = logging.getLogger(__name__)
 
@@ -428,7 +433,7 @@ def stage_filter(ctx: StageContext) -> FilterResult:
             "skipped_files": report.skipped_files}
 
 
-def stage_fewshot(ctx: StageContext) -> dict[str, Any]:
+def stage_fewshot(ctx: StageContext) -> FewShotResult:
     from pipelines.fewshot import run_fewshot
 
     section = ctx.section
@@ -439,13 +444,13 @@ def stage_fewshot(ctx: StageContext) -> dict[str, Any]:
     return run_fewshot(section, ctx.plan.dir / "work", progress=ctx.progress)
 
 
-def stage_classification(ctx: StageContext) -> dict[str, Any]:
+def stage_classification(ctx: StageContext) -> ClassificationResult:
     from pipelines.classification import run_classification
 
     return run_classification(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
 
 
-def stage_decision(ctx: StageContext) -> dict[str, Any]:
+def stage_decision(ctx: StageContext) -> DecisionResult:
     from pipelines.decision import run_decision
 
     return run_decision(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
@@ -701,7 +706,32 @@ def _effective_sections(loaded: LoadedConfig, plans: dict[str, StagePlan],
     return out
 
 
-def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> dict[str, Any]:
+class RunResult(TypedDict, total=False):
+    """``results.json``: the run's settings, each stage's status and typed result (None when it did not run),
+    and ``report`` (the path of ``report.html``, in the returned dict only)."""
+
+    format: str  # FORMAT
+    name: str
+    data: str
+    out: str
+    config_source: str
+    config_text: str | None
+    config: dict[str, Any]
+    sections: dict[str, Any]  # each stage's effective settings
+    seeds: dict[str, Any]
+    stages: dict[str, dict[str, Any]]  # status, hash, folder, elapsed_s, seed, deps
+    synthetic_sets: dict[str, str]  # label -> folder of every synthetic set of the run
+    report_options: dict[str, Any]
+    generate: GenerateResult | None
+    filter: FilterResult | None
+    fewshot: FewShotResult | None
+    classification: ClassificationResult | None
+    decision: DecisionResult | None
+    realism: RealismResult | None
+    report: str
+
+
+def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> RunResult:
     """Run (or reuse) every enabled stage, write ``report.html`` and ``results.json``; returns the result dict.
 
     The returned dict is what ``results.json`` holds, plus ``report`` (the path of ``report.html``).
@@ -730,7 +760,7 @@ def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> dict[str, An
         stages.setdefault(stage, {"status": "not run"})
 
     sets = {label: str(path) for label, path in realism_sets(results).items()}
-    result = {
+    result: RunResult = {
         "format": FORMAT,
         "name": cfg.name,
         "data": str(cfg.data),

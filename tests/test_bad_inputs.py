@@ -36,6 +36,7 @@ from PIL import Image
 from detect.cli import main as detect_main
 from pipelines.cli import main as pipelines_main
 from synth.cli import main as synth_main
+from synth.core.errors import ConfigError
 from synth.core.io import read_image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -538,6 +539,30 @@ def test_every_model_config_accepts_its_defaults_and_saved_json():
         config_class = get_model_class(name).Config
         saved = json.loads(json.dumps(dataclasses.asdict(config_class())))  # tuples become lists, as on disk
         assert dataclasses.asdict(config_class(**saved)) == saved, name
+
+
+@pytest.mark.parametrize(("value", "words"), [
+    ({"image_size": "abc"}, "key 'image_size' must be an integer (got 'abc')"),
+    ({"image_size": 64.0}, "key 'image_size' must be an integer (got 64.0)"),
+    ({"image_size": True}, "key 'image_size' must be an integer (got True)"),
+    ({"target_fpr": "0.1"}, "key 'target_fpr' must be a number (got '0.1')"),
+    ({"synthetic_val": 1}, "key 'synthetic_val' must be true or false (got 1)"),
+    ({"layers": [1.5]}, "key 'layers' must be a list (an integer each) (got [1.5])"),
+    ({"backbone": 3}, "key 'backbone' must be a string (got 3)"),
+])
+def test_detector_config_types_are_checked_by_pydantic_with_the_key_in_words(value, words):
+    from detect.models.memory.padim.detector import PadimConfig
+
+    with pytest.raises(ConfigError) as info:
+        PadimConfig(**value)
+    assert str(info.value) == f"PadimConfig: {words}"
+
+
+def test_detector_config_accepts_numpy_scalars_paths_and_tuples_for_lists():
+    from detect.models.memory.padim.detector import PadimConfig
+
+    config = PadimConfig(image_size=np.int64(64), target_fpr=np.float32(0.25), layers=(1, 2), weights=Path("w.pt"))
+    assert (config.image_size, config.layers) == (64, (1, 2))  # checked, not converted: the values stay as given
 
 
 # --------------------------------------------------------------------------------------------------------------

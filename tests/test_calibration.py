@@ -245,6 +245,38 @@ def test_calibrate_is_the_step_fit_ends_with(brick_set):
         stepwise.calibrate(good, target_fpr=1.5)
 
 
+def test_calibrate_with_anomalies_keeps_the_held_out_normals_and_their_scores(brick_set):
+    """``calibrate(anomalies=...)`` without ``val``: the F1 threshold between the normals ``fit`` cross-fitted
+    (their fold scores, not re-scored by the model that trained on them) and the newly scored anomalies."""
+    images = sorted(brick_set.image_path(s) for s in brick_set.select(split="train"))
+    defects = [brick_set.image_path(s) for s in brick_set.select(split="test", anomalous=True)]
+    good = sorted(brick_set.image_path(s) for s in brick_set.select(split="test", anomalous=False))
+    with pytest.raises(InputError, match="needs val= .* or anomalies="):
+        detect.create("padim", image_size=64).fit(images, progress=False).calibrate()
+    detector = detect.create("padim", image_size=64, calibration_folds=2).fit(images, progress=False)
+    fitted, held = detector.calibration, detector.calibration_scores
+    assert held.scheme.startswith("crossfit")
+    detector.calibrate(anomalies=[(path, None) for path in defects], threshold_method="f1")
+    new = detector.calibration
+    assert new.method == "f1-real" and new.num_anomalous == len(defects) and new.num_normal == held.normal.size
+    np.testing.assert_array_equal(detector.calibration_scores.normal, held.normal)
+    np.testing.assert_allclose(detector.calibration_scores.anomalous, detector.predict(defects).scores)
+    assert new.pixel_threshold == fitted.pixel_threshold  # the maps of the held-out normals are not kept
+    assert new.estimated_recall == float((detector.calibration_scores.anomalous >= new.image_threshold).mean())
+    assert new.calibration_fpr == float((np.r_[held.normal, held.views] >= new.image_threshold).mean())
+    # F1-optimal on exactly these scores: no worse there than the fit's 5 %-FPR threshold
+    scores = np.r_[held.normal, detector.calibration_scores.anomalous]
+    labels = np.r_[np.zeros(held.normal.size, bool), np.ones(len(defects), bool)]
+    assert (operating_point(scores, labels, new.image_threshold)["f1"]
+            >= operating_point(scores, labels, fitted.image_threshold)["f1"])
+    # with val= the anomalies join the given normals, which are scored afresh
+    detector.calibrate(good, anomalies=[(path, None) for path in defects])
+    assert detector.calibration.num_normal == len(good) and detector.calibration.num_anomalous == len(defects)
+    loaded_like = detect.create("padim", image_size=64).fit(images, calibrate=False, progress=False)
+    with pytest.raises(InputError, match="no held-out normal scores"):
+        loaded_like.calibrate(anomalies=[(path, None) for path in defects])
+
+
 def test_cli_calibrate_resets_the_threshold_and_keeps_the_weights(brick_set, tmp_path, capsys):
     out = tmp_path / "padim"
     assert detect_main(["fit", "-q", "--model", "padim", "--data", str(brick_set.root), "--out", str(out),

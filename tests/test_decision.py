@@ -48,6 +48,7 @@ def _digest(path: Path) -> str:
 def test_table_has_every_arm_task_k_and_repeat(run):
     result, out = run
     summary = result["decision"]
+    assert set(summary) == set(dt.DecisionResult.__annotations__)  # the typed result the report reads
     assert summary["tasks"] == ["classification", "detection"]
     cells = {(c["task"], c["arm"], c["k"], c["repeat"]) for c in summary["cells"]}
     expected = {("classification", a, k, 0) for a in dt.CLASSIFICATION_ARMS for k in SHOTS}

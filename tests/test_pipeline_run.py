@@ -323,6 +323,16 @@ def test_end_to_end_toy_config(tmp_path, brick_set, capsys):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     stages = ("generate", "filter", "fewshot", "classification", "realism")
     assert {s: results["stages"][s]["status"] for s in stages} == dict.fromkeys(stages, "ran")
+    # Every stage's record has exactly the fields its typed result declares (what the report reads).
+    from pipelines.classification import ClassificationResult
+    from pipelines.fewshot import FewShotResult
+    from pipelines.run import FilterResult, GenerateResult, RealismResult, RunResult
+
+    typed = {"generate": GenerateResult, "filter": FilterResult, "fewshot": FewShotResult,
+             "classification": ClassificationResult, "realism": RealismResult}
+    for stage, declared in typed.items():
+        assert set(results[stage]) == set(declared.__annotations__), stage
+    assert set(results) == set(RunResult.__annotations__) - {"report"}
     # The few-shot stage got the filtered shared set, and the report shows it and the classification sets.
     assert results["fewshot"]["synthetic_set"] == results["filter"]["set"]
     assert set(results["synthetic_sets"]) == {"filter:draem", "classification:synthetic:paste",
