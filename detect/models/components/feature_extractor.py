@@ -58,6 +58,11 @@ class FeatureExtractor(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         return self.body((images - self.mean) / self.std)
 
+    @torch.no_grad()
+    def feature_shapes(self, image_size: int) -> list[tuple[int, int, int]]:
+        """(channels, height, width) of each selected feature map for a square input of ``image_size``."""
+        return [tuple(f.shape[1:]) for f in self(torch.zeros(1, 3, image_size, image_size))]
+
 
 def build_feature_extractor(config: BackboneConfig, *, loading: bool = False, trainable: bool = False
                             ) -> FeatureExtractor:

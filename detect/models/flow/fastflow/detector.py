@@ -70,9 +70,7 @@ class Fastflow(Detector):
         cfg = self.config
         extractor = build_feature_extractor(cfg, loading=self.loading)
         extractor.eval()
-        size = cfg.image_size
-        with torch.no_grad():
-            shapes = [tuple(f.shape[1:]) for f in extractor(torch.zeros(1, 3, size, size))]
+        shapes = extractor.feature_shapes(cfg.image_size)
         if any(c < 2 for c, _, _ in shapes):
             raise ConfigError(f"{type(cfg).__qualname__}: key 'layers' must select stages with >= 2 channels "
                               f"(got {cfg.layers!r})")

@@ -91,9 +91,7 @@ class Uflow(Detector):
         cfg = self.config
         extractor = build_feature_extractor(cfg, loading=self.loading)
         extractor.eval()
-        size = cfg.image_size
-        with torch.no_grad():
-            shapes = [tuple(f.shape[1:]) for f in extractor(torch.zeros(1, 3, size, size))]
+        shapes = extractor.feature_shapes(cfg.image_size)
         for finer, coarser in zip(shapes[:-1], shapes[1:], strict=True):
             if finer[1] != 2 * coarser[1] or finer[2] != 2 * coarser[2]:
                 spatial = [s[1:] for s in shapes]

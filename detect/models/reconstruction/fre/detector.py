@@ -68,8 +68,7 @@ class Fre(Detector):
         cfg = self.config
         extractor = build_feature_extractor(cfg, loading=self.loading)
         size = cfg.image_size
-        with torch.no_grad():
-            _, channels, h, w = extractor(torch.zeros(1, 3, size, size))[0].shape
+        channels, h, w = extractor.feature_shapes(size)[0]
         qualname = type(cfg).__qualname__
         if cfg.pooling > min(h, w):
             raise ConfigError(f"{qualname}: key 'pooling' must be at most {min(h, w)}, the {h}x{w} size of layer "
