@@ -28,6 +28,21 @@ def split_of(dataset: Any, size: int) -> tuple[list[Path], np.ndarray, np.ndarra
     return paths, labels, masks
 
 
+def magnetic_tile_probe(root: Path, size: int) -> tuple[list[Path], list[Path], np.ndarray, np.ndarray]:
+    """The real-defect check of the model tests: the first 30 train/good images as shots, then 30 test/good
+    images and 30 real defects (the first 6 of each class, sorted) with their labels and (size, size) masks."""
+    from synth.core.io import read_image
+
+    train = sorted((root / "train" / "good").iterdir())[:30]
+    good = sorted((root / "test" / "good").iterdir())[:30]
+    bad = [p for c in ("blowhole", "break", "crack", "fray", "uneven")
+           for p in sorted((root / "test" / c).iterdir())[:6]]
+    masks = np.stack([np.zeros((size, size), bool)] * len(good) + [
+        resize_mask(read_image(root / "ground_truth" / p.parent.name / f"{p.stem}_mask.png")[..., 0] > 127, size)
+        for p in bad])
+    return train, good + bad, np.array([False] * len(good) + [True] * len(bad)), masks
+
+
 # The tiny random open_clip architecture of the WinCLIP tests (ViT width 64, 2 layers, patch 8 at 64 px: an 8x8
 # patch grid; text tower width 32, 2 layers, 32 tokens), written to a model-config JSON by the tests.
 WINCLIP_TINY_CLIP = {

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import magnetic_tile_probe
 
 import detect
-from detect.data import load_tensor, resize_mask
+from detect.data import load_tensor
 from detect.metrics import auroc
 from detect.models.distillation.efficientad import EfficientAd
 from detect.models.distillation.efficientad.detector import color_jitter, hard_loss
@@ -145,22 +146,13 @@ def test_missing_distillation_folder_names_the_key(brick_set, tmp_path):
 @pytest.mark.slow
 def test_magnetic_tile_real_defects(magnetic_tile: Path):
     """30 normal shots; 30 test/good vs 30 real defects (6 per class), image_size 128."""
-    from synth.core.io import read_image
-
     size = 128
-    train = sorted((magnetic_tile / "train" / "good").iterdir())[:30]
-    good = sorted((magnetic_tile / "test" / "good").iterdir())[:30]
-    bad = [p for c in ("blowhole", "break", "crack", "fray", "uneven")
-           for p in sorted((magnetic_tile / "test" / c).iterdir())[:6]]
-    masks = [np.zeros((size, size), bool)] * len(good) + [
-        resize_mask(read_image(magnetic_tile / "ground_truth" / p.parent.name / f"{p.stem}_mask.png")[..., 0] > 127,
-                    size) for p in bad]
-    labels = np.array([False] * len(good) + [True] * len(bad))
+    train, paths, labels, masks = magnetic_tile_probe(magnetic_tile, size)
     model = EfficientAd(image_size=size, seed=0).fit(train, progress=False)
-    prediction = model.predict(good + bad)
+    prediction = model.predict(paths)
     # Measured (defaults; fit holds 6 of the 30 out for calibration): see MAGNETIC_TILE_BARS.
     assert auroc(prediction.scores, labels) >= MAGNETIC_TILE_BARS[0]
-    assert auroc(prediction.anomaly_maps, np.stack(masks)) >= MAGNETIC_TILE_BARS[1]
+    assert auroc(prediction.anomaly_maps, masks) >= MAGNETIC_TILE_BARS[1]
 
 
 MAGNETIC_TILE_BARS = (0.6, 0.6)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import magnetic_tile_probe
 
 import detect
-from detect.data import resize_mask
 from detect.metrics import auroc
 from detect.models.flow.uflow import Uflow
 from detect.models.flow.uflow.torch_model import binomial_log10_tail
@@ -101,19 +101,10 @@ def test_nfa_pixel_threshold_round_trips(fitted, tmp_path):
 @pytest.mark.slow
 def test_magnetic_tile_real_defects(magnetic_tile):
     """30 normal shots; 30 test/good vs 30 real defects (6 per class), image_size 128."""
-    from synth.core.io import read_image
-
     size = 128
-    train = sorted((magnetic_tile / "train" / "good").iterdir())[:30]
-    good = sorted((magnetic_tile / "test" / "good").iterdir())[:30]
-    bad = [p for c in ("blowhole", "break", "crack", "fray", "uneven")
-           for p in sorted((magnetic_tile / "test" / c).iterdir())[:6]]
-    masks = np.stack([np.zeros((size, size), bool)] * len(good) + [
-        resize_mask(read_image(magnetic_tile / "ground_truth" / p.parent.name / f"{p.stem}_mask.png")[..., 0] > 127,
-                    size) for p in bad])
-    labels = np.array([False] * len(good) + [True] * len(bad))
+    train, paths, labels, masks = magnetic_tile_probe(magnetic_tile, size)
     model = Uflow(image_size=size, seed=0).fit(train, progress=False)
-    prediction = model.predict(good + bad)
+    prediction = model.predict(paths)
     # Measured (default 30 epochs; fit holds 6 of the 30 out for calibration): image AUROC 0.669, pixel AUROC
     # of the -log NFA map 0.810; NFA masks flag 0.03 % of normal pixels, find 2.3 % of defect pixels at
     # precision 0.67 (a-contrario detection is conservative when the latents of the few training shots are
