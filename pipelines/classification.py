@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from detect.classify import ClassifierConfig, DefectClassifier, LabeledImages
 from detect.classify.metrics import classification_metrics
+from pipelines.stage import Stage, StageContext
 from synth.config import GenerateConfig
 from synth.core.config import StrictModel, validate_config
 from synth.core.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
@@ -60,7 +61,7 @@ from synth.generators import check_generator_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BASELINES", "ClassificationConfig", "class_seed", "crop_paste_one", "merge_class_sets",
+__all__ = ["BASELINES", "PIPELINE_STAGES", "ClassificationConfig", "class_seed", "crop_paste_one", "merge_class_sets",
            "prepare_dir", "run_classification", "split_classes", "stable_hash", "write_exemplars"]
 
 BASELINES = ("real_only", "crop_paste")
@@ -399,3 +400,11 @@ def run_classification(cfg: ClassificationConfig, workdir: Path, *, progress: bo
     }
     write_json(workdir / SUMMARY_FILE, summary)
     return summary
+
+
+def stage_classification(ctx: StageContext) -> ClassificationResult:
+    """The ``classification`` stage of ``pipelines run``: :func:`run_classification` in the stage folder."""
+    return run_classification(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
+PIPELINE_STAGES = {"classification": Stage(stage_classification, ClassificationConfig, ("data",), warm=True)}

@@ -77,6 +77,7 @@ from pipelines.classification import (
     stable_hash,
     write_exemplars,
 )
+from pipelines.stage import Stage, StageContext
 from synth.config import GenerateConfig
 from synth.core.config import StrictModel, validate_config
 from synth.core.defect_set import GOOD, DefectSample, DefectSet, DefectSetWriter, read_defect_set
@@ -86,7 +87,7 @@ from synth.generate import generate, sample_seed
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARMS", "DecisionConfig", "decision_rows", "run_decision", "split_pool"]
+__all__ = ["ARMS", "PIPELINE_STAGES", "DecisionConfig", "decision_rows", "run_decision", "split_pool"]
 
 ARMS = ("normals_only", "real", "synthetic", "real+synthetic", "real+filtered", "real+crop_paste", "generic")
 TASKS = ("classification", "detection")
@@ -725,3 +726,11 @@ def decision_table(summary: dict[str, Any], metric: str) -> str:
             cells.append(_fmt(row.get(metric), row.get(f"{metric}_std")) if row else "-")
         lines.append(f"| {arm} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def stage_decision(ctx: StageContext) -> DecisionResult:
+    """The ``decision`` stage of ``pipelines run``: :func:`run_decision` in the stage folder."""
+    return run_decision(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
+PIPELINE_STAGES = {"decision": Stage(stage_decision, DecisionConfig, ("data",), warm=True)}

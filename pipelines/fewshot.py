@@ -84,6 +84,14 @@ from detect.base import AnomalySamples
 from detect.calibration import operating_point, oracle_recall
 from detect.data import resize_mask
 from detect.metrics import evaluate, roc_points
+from pipelines.stage import (
+    LoadedConfig,
+    Stage,
+    StageContext,
+    fewshot_uses_shared_set,
+    shared_set_stage,
+    synthetic_set_of,
+)
 from synth.config import GenerateConfig
 from synth.core.config import StrictModel, validate_config
 from synth.core.defect_set import GOOD, read_defect_set
@@ -94,7 +102,10 @@ from synth.generators import check_generator_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SYNTHETIC_MODES", "FewShotConfig", "fewshot_table", "oracle_recall", "run_fewshot", "shot_order"]
+__all__ = [
+    "PIPELINE_STAGES", "SYNTHETIC_MODES", "FewShotConfig", "fewshot_table", "oracle_recall", "run_fewshot",
+    "shot_order",
+]
 
 SYNTHETIC_MODES = ("none", "threshold", "train")
 # Detector options the pipeline sets itself: image size and seed per cell, and the calibration settings.
@@ -679,3 +690,27 @@ def fewshot_table(result: dict[str, Any],
                 values.append(" / ".join(_fmt(row.get(m), row.get(f"{m}_std")) for m in metrics))
         lines.append(f"| {model} | {mode} | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline stage
+# --------------------------------------------------------------------------------------------------
+
+def stage_fewshot(ctx: StageContext) -> FewShotResult:
+    """The ``fewshot`` stage of ``pipelines run``: :func:`run_fewshot` in the stage folder, with the run's shared
+    synthetic set unless the section names or makes its own."""
+    section = ctx.section
+    shared = synthetic_set_of(ctx.deps)
+    if shared is not None and fewshot_uses_shared_set(ctx.loaded):
+        # run_fewshot validates its config again, so the copy's new field is checked there.
+        section = section.model_copy(update={"synthetic_set": shared[1]})
+    return run_fewshot(section, ctx.plan.dir / "work", progress=ctx.progress)
+
+
+def _fewshot_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    return [shared_set_stage(enabled)] if fewshot_uses_shared_set(loaded) else []
+
+
+# synthetic_set is the runner's too, unless the section sets it (see pipelines.stage.fewshot_wants_shared).
+PIPELINE_STAGES = {"fewshot": Stage(stage_fewshot, FewShotConfig, ("data",), depends=_fewshot_dependencies,
+                                    warm=True)}

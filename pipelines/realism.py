@@ -35,22 +35,34 @@ Same inputs and seed -> same numbers (inference in eval mode; subsets and pairs 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipelines.stage import (
+    LoadedConfig,
+    Stage,
+    StageContext,
+    fewshot_makes_own_set,
+    run_synthetic_sets,
+    shared_set_stage,
+)
 from synth.core.backbones import DEFAULT_BACKBONE, create_backbone, create_feature_extractor, imagenet_normalization
+from synth.core.defect_set import read_defect_set
 from synth.core.errors import ConfigError, InputError
-from synth.core.io import ensure_rgb_uint8, read_image, read_mask
+from synth.core.io import ensure_rgb_uint8, read_image, read_json_if_exists, read_mask, write_json
 
 __all__ = [
     "LPIPS_STAGES",
+    "PIPELINE_STAGES",
+    "RealismResult",
     "crop_to_defect",
     "embed_images",
     "ic_lpips",
@@ -61,6 +73,8 @@ __all__ = [
     "polynomial_kernel",
     "realism_metrics",
 ]
+
+logger = logging.getLogger(__name__)
 
 ImageLike = np.ndarray | str | Path
 MaskLike = np.ndarray | str | Path | None
@@ -511,3 +525,75 @@ def realism_metrics(
         "crop_to_mask": bool(crop_to_mask),
         "seed": int(seed),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline stage
+# --------------------------------------------------------------------------------------------------
+
+class RealismResult(TypedDict):
+    """What the realism stage records: KID and IC-LPIPS per synthetic set label."""
+
+    reference: str  # which real defects the sets were compared with
+    n_real_available: int
+    options: dict[str, Any]
+    seed: int
+    sets: dict[str, dict[str, Any]]
+
+
+def stage_realism(ctx: StageContext) -> RealismResult:
+    """The ``realism`` stage of ``pipelines run``: KID and IC-LPIPS of every synthetic set of the run against real
+    defects none of them was made from (each set's metrics cached under ``sets/``)."""
+    from pipelines.classification import seeded_subset  # its module pulls in the classifier: loaded on use
+
+    options = ctx.cfg.realism
+    assert options is not None, "the realism stage runs only when the config enables it"
+    seed = int(ctx.plan.seed or 0)
+    real_set = read_defect_set(ctx.cfg.data)
+    split = (ctx.deps.get("classification") or {}).get("split")
+    if split:
+        # The classification held-out parts: no generated set of this run was made from them.
+        held_out = {path for part in split.values() for path in part.get("test", [])}
+        real = [s for s in real_set.select(split="test", anomalous=True) if s.image in held_out]
+        reference = "classification held-out real defects"
+    else:
+        real = real_set.select(split="test", anomalous=True)
+        reference = "all real test defects"
+    if len(real) < 2:
+        raise InputError(f"{ctx.cfg.data}: realism needs at least 2 real defect images, found {len(real)}.")
+    real = seeded_subset(real, options.max_images, seed)
+    results: dict[str, Any] = {}
+    for label, folder in run_synthetic_sets(ctx.deps).items():
+        cache = ctx.plan.dir / "sets" / f"{label.replace(':', '_')}.json"
+        cached = read_json_if_exists(cache)
+        if isinstance(cached, dict):
+            results[label] = cached
+            continue
+        generated_set = read_defect_set(folder)
+        generated = seeded_subset(generated_set.select(anomalous=True), options.max_images, seed + 1)
+        if len(generated) < 2:
+            logger.warning("%s: fewer than 2 generated defects; realism skipped", folder)
+            results[label] = {"skipped": "fewer than 2 generated defects"}
+            continue
+        masks = options.crop_to_mask
+        metrics = realism_metrics(
+            [real_set.image_path(s) for s in real], [generated_set.image_path(s) for s in generated],
+            masks_real=[real_set.mask_path(s) for s in real] if masks else None,
+            masks_generated=[generated_set.mask_path(s) for s in generated] if masks else None,
+            backbone=options.backbone, image_size=options.image_size, seed=seed, progress=ctx.progress,
+            crop_to_mask=masks, kid_subsets=options.kid_subsets, kid_subset_size=options.kid_subset_size,
+            ic_lpips_max_pairs=options.ic_lpips_max_pairs)
+        metrics["set"] = str(folder)
+        write_json(cache, metrics)
+        results[label] = metrics
+    return {"reference": reference, "n_real_available": len(real), "options": options.model_dump(mode="json"),
+            "seed": seed, "sets": results}
+
+
+def _realism_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
+    wanted = [shared_set_stage(enabled), "classification"] + (["fewshot"] if fewshot_makes_own_set(loaded) else [])
+    return [s for s in wanted if s in enabled]
+
+
+# Configured by the top-level ``realism`` key (no section model of its own).
+PIPELINE_STAGES = {"realism": Stage(stage_realism, depends=_realism_dependencies)}

@@ -24,19 +24,25 @@ generators and pipelines cache their finished units). A new few-shot or classifi
 of the previous folder's ``work/`` (finished cells / classifiers under their own keys), so a changed model option
 refits only that model. ``report.html`` and ``results.json`` are rewritten every run (cheap).
 
+Stages: each is defined beside the module that does its work (``PIPELINE_STAGES`` in
+``pipelines.synthetic_stages``, ``fewshot``, ``classification``, ``decision``, ``realism``; the types in
+:mod:`pipelines.stage`); :data:`STAGE_DEFINITIONS` names them in run order and imports a stage's module when the
+config enables it. This module is the engine: config loading, hashing, caching, resume and ``results.json``.
+
 Seeds: each stage gets ``derive_seed(seed, stage)`` unless its section sets ``seed`` itself; both are recorded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import shutil
 import sys
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
@@ -44,6 +50,16 @@ from typing import TYPE_CHECKING, Any, TypedDict
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from pipelines.stage import (
+    LoadedConfig,
+    Stage,
+    StageContext,
+    StagePlan,
+    fewshot_uses_shared_set,
+    fewshot_wants_shared,
+    run_synthetic_sets,
+    synthetic_set_of,
+)
 from synth.core.config import StrictModel, format_validation_error, read_yaml, validate_config
 from synth.core.errors import ConfigError, InputError
 from synth.core.io import read_json_if_exists, stable_hash, write_json
@@ -52,6 +68,8 @@ if TYPE_CHECKING:  # the stage modules are imported when their stage runs
     from pipelines.classification import ClassificationResult
     from pipelines.decision import DecisionResult
     from pipelines.fewshot import FewShotResult
+    from pipelines.realism import RealismResult
+    from pipelines.synthetic_stages import FilterResult, GenerateResult
 
 logger = logging.getLogger(__name__)
 
@@ -138,17 +156,6 @@ def _validate_section(model: type[BaseModel], data: dict[str, Any], *, source: s
         raise ConfigError(format_validation_error(source, exc, model=model, prefix=(section,))) from None
 
 
-@dataclass
-class LoadedConfig:
-    """A validated pipeline config, the typed config of each enabled section and the file it came from."""
-
-    config: PipelineConfig
-    sections: dict[str, BaseModel]
-    seeds: dict[str, dict[str, Any]]
-    source: str
-    text: str | None = None
-
-
 PLACEHOLDER = Path("__pipeline_stage__")
 
 
@@ -163,26 +170,21 @@ def _section_input(cfg: PipelineConfig, stage: str, seed: int) -> dict[str, Any]
         data.update(generated=PLACEHOLDER, out=PLACEHOLDER)
     else:
         data["data"] = cfg.data
-        if stage == "fewshot" and _fewshot_wants_shared(cfg):
+        if stage == "fewshot" and fewshot_wants_shared(cfg):
             data["synthetic_set"] = PLACEHOLDER  # validated as given, so rules about a given set apply
     data.setdefault("seed", seed)
     return data
 
 
-def _fewshot_wants_shared(cfg: PipelineConfig) -> bool:
-    """From the raw config: a shared set exists and the few-shot section neither names nor makes its own."""
-    raw = cfg.fewshot or {}
-    modes = raw.get("synthetic", ["threshold"])
-    return (cfg.generate is not None and "synthetic_set" not in raw and raw.get("synthetic_from") != "shots"
-            and isinstance(modes, list) and any(mode != "none" for mode in modes))
-
-
 def _check_sections(cfg: PipelineConfig, source: str) -> tuple[dict[str, BaseModel], dict[str, dict[str, Any]]]:
     sections: dict[str, BaseModel] = {}
     seeds: dict[str, dict[str, Any]] = {}
-    for stage, definition in STAGE_DEFINITIONS.items():
-        raw = getattr(cfg, stage) if definition.section is not None else None
+    for stage in STAGE_DEFINITIONS:
+        raw = getattr(cfg, stage)
         if raw is None:
+            continue
+        definition = STAGE_DEFINITIONS[stage]
+        if definition.section is None:  # configured by the top-level config (realism)
             continue
         owned = [k for k in definition.runner_keys if k in raw]
         if owned:
@@ -190,7 +192,7 @@ def _check_sections(cfg: PipelineConfig, source: str) -> tuple[dict[str, BaseMod
             raise ConfigError(f"{source}: key '{stage}.{owned[0]}': set by the pipeline ({where}); remove it.")
         seed = raw.get("seed", derive_seed(cfg.seed, stage))
         seeds[stage] = {"seed": seed, "from": "config" if "seed" in raw else "derived"}
-        model = definition.section()
+        model = definition.section
         if "seed" not in model.model_fields:
             seeds[stage]["from"] = "unused"
         data = _section_input(cfg, stage, seed)
@@ -267,19 +269,6 @@ def folder_fingerprint(path: Path | None) -> str | None:
     return digest.hexdigest()[:16]
 
 
-@dataclass
-class StagePlan:
-    """One enabled stage: what its hash covers, the stages it depends on, and where it runs."""
-
-    name: str
-    index: int
-    config: dict[str, Any]
-    deps: dict[str, str]
-    seed: int | None
-    hash: str
-    dir: Path
-
-
 def _stage_config(stage: str, loaded: LoadedConfig) -> dict[str, Any]:
     cfg = loaded.config
     section = loaded.sections.get(stage)
@@ -299,29 +288,9 @@ def _stage_config(stage: str, loaded: LoadedConfig) -> dict[str, Any]:
                        for k, v in inputs.items()}}
 
 
-def fewshot_uses_shared_set(loaded: LoadedConfig) -> bool:
-    """Whether the runner hands the shared (generated or filtered) set to the few-shot stage.
-
-    Not when the few-shot section names its own ``synthetic_set`` (even null), makes one set per shot subset
-    (``synthetic_from: shots``) or compares no synthetic mode.
-    """
-    return "fewshot" in loaded.sections and "generate" in loaded.sections and _fewshot_wants_shared(loaded.config)
-
-
-def fewshot_makes_own_set(loaded: LoadedConfig) -> bool:
-    """Whether the few-shot stage generates one synthetic set of its own (shown in the report, measured)."""
-    section = loaded.sections.get("fewshot")
-    if section is None or fewshot_uses_shared_set(loaded):
-        return False
-    return (getattr(section, "synthetic_set", None) is None and getattr(section, "synthetic_from", "pool") == "pool"
-            and any(mode != "none" for mode in getattr(section, "synthetic", [])))
-
-
 def enabled_stages(loaded: LoadedConfig) -> list[str]:
-    """The stages this config runs, in order (``report`` always)."""
-    out = [name for name, stage in STAGE_DEFINITIONS.items()
-           if (name in loaded.sections if stage.section is not None else getattr(loaded.config, name) is not None)]
-    return [*out, "report"]
+    """The stages this config runs, in order (``report`` always): those whose config key is set (not null)."""
+    return [*(name for name in STAGE_DEFINITIONS if getattr(loaded.config, name) is not None), "report"]
 
 
 def plan_stages(loaded: LoadedConfig) -> list[StagePlan]:
@@ -341,277 +310,44 @@ def plan_stages(loaded: LoadedConfig) -> list[StagePlan]:
     return list(plans.values())
 
 
-# --------------------------------------------------------------------------------------------------
-# stage functions
-# --------------------------------------------------------------------------------------------------
-
-@dataclass
-class StageContext:
-    """What a stage function gets: its plan, the loaded config, the results of the stages it depends on."""
-
-    plan: StagePlan
-    loaded: LoadedConfig
-    deps: dict[str, dict[str, Any]]
-    progress: bool = True
-
-    @property
-    def cfg(self) -> PipelineConfig:
-        return self.loaded.config
-
-    @property
-    def section(self) -> Any:
-        return self.loaded.sections.get(self.plan.name)
-
-
-def synthetic_set_of(deps: dict[str, dict[str, Any]]) -> tuple[str, Path] | None:
-    """(label, folder) of the shared synthetic set: the filtered one when the filter ran, else the generated."""
-    for stage in ("filter", "generate"):
-        if stage in deps and deps[stage].get("set"):
-            return f"{stage}:{deps[stage].get('method', '')}".rstrip(":"), Path(deps[stage]["set"])
-    return None
-
-
-class GenerateResult(TypedDict):
-    """What the generate stage records (``done.json``, ``results.json["generate"]``)."""
-
-    set: str  # the labeled defect set's folder
-    method: str
-    n: int
-    seed: int
-    defect_samples: int
-    defect_classes: list[str]
-    generated: int  # samples written by the last run (a resumed run writes fewer)
-    resumed_from: int
-    skipped_files: list[Any]
-
-
-class FilterResult(TypedDict):
-    """What the filter stage records."""
-
-    set: str  # the kept defects' folder
-    method: str | None  # the generate stage's method
-    candidates: int
-    stage1_kept: int
-    kept: int
-    embedder: str
-    real_defects: str
-    skipped_files: list[Any]
-
-
-class RealismResult(TypedDict):
-    """What the realism stage records: KID and IC-LPIPS per synthetic set label."""
-
-    reference: str  # which real defects the sets were compared with
-    n_real_available: int
-    options: dict[str, Any]
-    seed: int
-    sets: dict[str, dict[str, Any]]
-
-
-def stage_generate(ctx: StageContext) -> GenerateResult:
-    from synth.generate import generate
-
-    section = ctx.section.model_copy(update={"out": ctx.plan.dir / "set"})
-    report = generate(section, progress=ctx.progress)
-    dataset = report.dataset
-    anomalous = dataset.select(anomalous=True)
-    return {"set": str((ctx.plan.dir / "set").resolve()), "method": section.method, "n": section.n,
-            "seed": section.seed, "defect_samples": len(anomalous), "defect_classes": dataset.defect_classes,
-            "generated": report.generated, "resumed_from": report.resumed_from,
-            "skipped_files": report.skipped_files}
-
-
-def stage_filter(ctx: StageContext) -> FilterResult:
-    from synth.filter import filter_defect_set
-
-    generated = ctx.deps["generate"]
-    section = ctx.section.model_copy(update={"generated": Path(generated["set"]), "out": ctx.plan.dir / "set"})
-    report = filter_defect_set(section, progress=ctx.progress)
-    return {"set": str((ctx.plan.dir / "set").resolve()), "method": generated.get("method"),
-            "candidates": report.candidates, "stage1_kept": report.stage1_kept, "kept": report.kept,
-            "embedder": report.embedder, "real_defects": str(section.real_defects),
-            "skipped_files": report.skipped_files}
-
-
-def stage_fewshot(ctx: StageContext) -> FewShotResult:
-    from pipelines.fewshot import run_fewshot
-
-    section = ctx.section
-    shared = synthetic_set_of(ctx.deps)
-    if shared is not None and fewshot_uses_shared_set(ctx.loaded):
-        # run_fewshot validates its config again, so the copy's new field is checked there.
-        section = section.model_copy(update={"synthetic_set": shared[1]})
-    return run_fewshot(section, ctx.plan.dir / "work", progress=ctx.progress)
-
-
-def stage_classification(ctx: StageContext) -> ClassificationResult:
-    from pipelines.classification import run_classification
-
-    return run_classification(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
-
-
-def stage_decision(ctx: StageContext) -> DecisionResult:
-    from pipelines.decision import run_decision
-
-    return run_decision(ctx.section, ctx.plan.dir / "work", progress=ctx.progress)
-
-
-def realism_sets(results: dict[str, dict[str, Any]]) -> dict[str, Path]:
-    """Every synthetic set of a run, by label: the shared (filtered) set, the few-shot stage's own set (when it
-    made one) and the classification sets."""
-    sets: dict[str, Path] = {}
-    shared = synthetic_set_of(results)
-    if shared is not None:
-        sets[shared[0]] = shared[1]
-    own = (results.get("fewshot") or {}).get("synthetic_set")
-    if own and (Path(own) / "manifest.jsonl").is_file() and Path(own) not in sets.values():
-        method = ((results.get("fewshot") or {}).get("config") or {}).get("synthetic_method", "")
-        sets[f"fewshot:{method}".rstrip(":")] = Path(own)
-    for name, path in ((results.get("classification") or {}).get("generated_sets") or {}).items():
-        sets[f"classification:{name}"] = Path(path)
-    return sets
-
-
-def stage_realism(ctx: StageContext) -> RealismResult:
-    from pipelines.classification import seeded_subset
-    from pipelines.realism import realism_metrics
-    from synth.core.defect_set import read_defect_set
-
-    options = ctx.cfg.realism or RealismOptions()
-    seed = int(ctx.plan.seed or 0)
-    real_set = read_defect_set(ctx.cfg.data)
-    split = (ctx.deps.get("classification") or {}).get("split")
-    if split:
-        # The classification held-out parts: no generated set of this run was made from them.
-        held_out = {path for part in split.values() for path in part.get("test", [])}
-        real = [s for s in real_set.select(split="test", anomalous=True) if s.image in held_out]
-        reference = "classification held-out real defects"
-    else:
-        real = real_set.select(split="test", anomalous=True)
-        reference = "all real test defects"
-    if len(real) < 2:
-        raise InputError(f"{ctx.cfg.data}: realism needs at least 2 real defect images, found {len(real)}.")
-    real = seeded_subset(real, options.max_images, seed)
-    results: dict[str, Any] = {}
-    for label, folder in realism_sets(ctx.deps).items():
-        cache = ctx.plan.dir / "sets" / f"{label.replace(':', '_')}.json"
-        cached = read_json_if_exists(cache)
-        if isinstance(cached, dict):
-            results[label] = cached
-            continue
-        generated_set = read_defect_set(folder)
-        generated = seeded_subset(generated_set.select(anomalous=True), options.max_images, seed + 1)
-        if len(generated) < 2:
-            logger.warning("%s: fewer than 2 generated defects; realism skipped", folder)
-            results[label] = {"skipped": "fewer than 2 generated defects"}
-            continue
-        masks = options.crop_to_mask
-        metrics = realism_metrics(
-            [real_set.image_path(s) for s in real], [generated_set.image_path(s) for s in generated],
-            masks_real=[real_set.mask_path(s) for s in real] if masks else None,
-            masks_generated=[generated_set.mask_path(s) for s in generated] if masks else None,
-            backbone=options.backbone, image_size=options.image_size, seed=seed, progress=ctx.progress,
-            crop_to_mask=masks, kid_subsets=options.kid_subsets, kid_subset_size=options.kid_subset_size,
-            ic_lpips_max_pairs=options.ic_lpips_max_pairs)
-        metrics["set"] = str(folder)
-        write_json(cache, metrics)
-        results[label] = metrics
-    return {"reference": reference, "n_real_available": len(real), "options": options.model_dump(mode="json"),
-            "seed": seed, "sets": results}
-
-
-def _data_input(section: BaseModel | None, cfg: PipelineConfig) -> dict[str, Path | None]:
-    return {"data": cfg.data}
-
-
-def _generate_inputs(section: Any, cfg: PipelineConfig) -> dict[str, Path | None]:
-    return {"normal": section.normal, "masks": section.masks, "defects": section.defects,
-            "anomaly_source": section.anomaly_source}
-
-
-def _filter_inputs(section: Any, cfg: PipelineConfig) -> dict[str, Path | None]:
-    return {"real_defects": section.real_defects, "normals": section.normals}
-
-
-def _no_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
-    return []
-
-
-def _shared_set_stage(enabled: set[str]) -> str:
-    return "filter" if "filter" in enabled else "generate"
-
-
-def _fewshot_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
-    return [_shared_set_stage(enabled)] if fewshot_uses_shared_set(loaded) else []
-
-
-def _realism_dependencies(loaded: LoadedConfig, enabled: set[str]) -> list[str]:
-    wanted = [_shared_set_stage(enabled), "classification"] + (["fewshot"] if fewshot_makes_own_set(loaded) else [])
-    return [s for s in wanted if s in enabled]
-
-
-def _generate_config() -> type[BaseModel]:
-    from synth.config import GenerateConfig
-    return GenerateConfig
-
-
-def _filter_config() -> type[BaseModel]:
-    from synth.filter import FilterConfig
-    return FilterConfig
-
-
-def _fewshot_config() -> type[BaseModel]:
-    from pipelines.fewshot import FewShotConfig
-    return FewShotConfig
-
-
-def _classification_config() -> type[BaseModel]:
-    from pipelines.classification import ClassificationConfig
-    return ClassificationConfig
-
-
-def _decision_config() -> type[BaseModel]:
-    from pipelines.decision import DecisionConfig
-    return DecisionConfig
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One stage of ``pipelines run``: its config section, its inputs, the stages it reads, and its function.
-
-    The engine (:func:`plan_stages`, :func:`run_stage`) treats every stage alike: the hash covers the section's
-    settings, the fingerprints of ``inputs``, the seed and the hashes of ``depends``; the result is cached in
-    ``done.json``.
-
-    run: the stage function, ``StageContext -> result dict`` (stored in ``done.json`` and results.json).
-    section: the pydantic model of the stage's config section, imported when first needed (the pipelines pull in
-        torch and timm); None for a stage configured by the top-level config (``realism``).
-    runner_keys: section keys the runner fills in itself (a user value would silently fight the runner's layout).
-    inputs: the folders whose file fingerprints enter the hash (``section, config -> {name: path}``).
-    depends: the stages whose results the stage reads (``loaded config, enabled stages -> names``).
-    warm: the stage's pipeline caches finished units under ``work/`` by their own keys (few-shot cells,
-        classifiers): a new stage folder starts from a copy of the latest sibling's ``work/``, so a changed
-        section recomputes only the units it affects. A copy, not links: the pipelines append to manifests.
-    """
-
-    run: Callable[[StageContext], Mapping[str, Any]]
-    section: Callable[[], type[BaseModel]] | None = None
-    runner_keys: tuple[str, ...] = ()
-    inputs: Callable[[Any, PipelineConfig], dict[str, Path | None]] = _data_input
-    depends: Callable[[LoadedConfig, set[str]], list[str]] = _no_dependencies
-    warm: bool = False
-
-
-STAGE_DEFINITIONS: dict[str, Stage] = {
-    "generate": Stage(stage_generate, _generate_config, ("normal", "out"), _generate_inputs),
-    "filter": Stage(stage_filter, _filter_config, ("generated", "out"), _filter_inputs,
-                    lambda loaded, enabled: ["generate"]),
-    # fewshot: synthetic_set is the runner's too, unless the section sets it (see _fewshot_wants_shared).
-    "fewshot": Stage(stage_fewshot, _fewshot_config, ("data",), depends=_fewshot_dependencies, warm=True),
-    "classification": Stage(stage_classification, _classification_config, ("data",), warm=True),
-    "decision": Stage(stage_decision, _decision_config, ("data",), warm=True),
-    "realism": Stage(stage_realism, depends=_realism_dependencies),
-}
+class StageTable(MutableMapping[str, Stage]):
+    """The stages in run order, by name; each defined beside its module (``PIPELINE_STAGES`` there) and imported
+    when first looked up, so a config imports only the stages it enables. A set item replaces a stage (tests and
+    extensions swap one); deleting it restores the module's definition."""
+
+    def __init__(self, modules: Mapping[str, str]) -> None:
+        self._modules = dict(modules)
+        self._stages: dict[str, Stage] = {}
+
+    def __getitem__(self, name: str) -> Stage:
+        if name not in self._stages:
+            module = importlib.import_module(self._modules[name])  # KeyError: not a stage
+            self._stages[name] = module.PIPELINE_STAGES[name]
+        return self._stages[name]
+
+    def __setitem__(self, name: str, stage: Stage) -> None:
+        if name not in self._modules:
+            raise KeyError(f"{name!r} is not a pipeline stage; stages: {', '.join(self._modules)}")
+        self._stages[name] = stage
+
+    def __delitem__(self, name: str) -> None:
+        self._stages.pop(name, None)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+STAGE_DEFINITIONS = StageTable({
+    "generate": "pipelines.synthetic_stages",
+    "filter": "pipelines.synthetic_stages",
+    "fewshot": "pipelines.fewshot",
+    "classification": "pipelines.classification",
+    "decision": "pipelines.decision",
+    "realism": "pipelines.realism",
+})
 """The stages in run order. Looked up at run time, so tests (and extensions) can swap a stage."""
 STAGES = (*STAGE_DEFINITIONS, "report")
 
@@ -759,7 +495,7 @@ def run_pipeline(loaded: LoadedConfig, *, progress: bool = True) -> RunResult:
     for stage in STAGES[:-1]:
         stages.setdefault(stage, {"status": "not run"})
 
-    sets = {label: str(path) for label, path in realism_sets(results).items()}
+    sets = {label: str(path) for label, path in run_synthetic_sets(results).items()}
     result: RunResult = {
         "format": FORMAT,
         "name": cfg.name,

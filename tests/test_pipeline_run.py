@@ -152,6 +152,26 @@ def counting_stages(monkeypatch):
     return calls
 
 
+def test_each_stage_is_defined_beside_its_module():
+    """The stage table maps each name to the module whose PIPELINE_STAGES defines it (its function lives
+    there too); a swapped stage can be deleted back to its definition; an unknown name is refused."""
+    import importlib
+
+    table = run_module.STAGE_DEFINITIONS
+    assert list(table) == list(run_module.STAGES[:-1])
+    for name, module_name in table._modules.items():
+        module = importlib.import_module(module_name)
+        assert table[name] is module.PIPELINE_STAGES[name]
+        assert table[name].run.__module__ == module_name, name
+    swapped = replace(table["decision"], warm=False)
+    table["decision"] = swapped
+    assert table["decision"] is swapped
+    del table["decision"]
+    assert table["decision"].warm is True
+    with pytest.raises(KeyError, match="not a pipeline stage"):
+        table["bogus"] = swapped
+
+
 def _hashes(config: dict) -> dict[str, str]:
     return {p.name: p.hash for p in plan_stages(load_pipeline_config(data=config))}
 
@@ -326,7 +346,9 @@ def test_end_to_end_toy_config(tmp_path, brick_set, capsys):
     # Every stage's record has exactly the fields its typed result declares (what the report reads).
     from pipelines.classification import ClassificationResult
     from pipelines.fewshot import FewShotResult
-    from pipelines.run import FilterResult, GenerateResult, RealismResult, RunResult
+    from pipelines.realism import RealismResult
+    from pipelines.run import RunResult
+    from pipelines.synthetic_stages import FilterResult, GenerateResult
 
     typed = {"generate": GenerateResult, "filter": FilterResult, "fewshot": FewShotResult,
              "classification": ClassificationResult, "realism": RealismResult}
