@@ -158,11 +158,11 @@ def fewshot_makes_own_set(loaded: LoadedConfig) -> bool:
             and any(mode != "none" for mode in getattr(section, "synthetic", [])))
 
 
-def run_synthetic_sets(results: Mapping[str, Mapping[str, Any] | None]) -> dict[str, Path]:
+def run_synthetic_sets(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
     """Every synthetic set of a run, by label: the shared (filtered) set, the few-shot stage's own set (when it
     made one) and the classification sets. The realism stage measures them; ``results.json`` lists them."""
     sets: dict[str, Path] = {}
-    shared = synthetic_set_of({k: v for k, v in results.items() if v})
+    shared = synthetic_set_of(results)
     if shared is not None:
         sets[shared[0]] = shared[1]
     fewshot = results.get("fewshot") or {}

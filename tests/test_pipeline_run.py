@@ -165,11 +165,21 @@ def test_each_stage_is_defined_beside_its_module():
         assert table[name].run.__module__ == module_name, name
     swapped = replace(table["decision"], warm=False)
     table["decision"] = swapped
-    assert table["decision"] is swapped
-    del table["decision"]
+    try:
+        assert table["decision"] is swapped
+    finally:
+        del table["decision"]
     assert table["decision"].warm is True
     with pytest.raises(KeyError, match="not a pipeline stage"):
         table["bogus"] = swapped
+
+
+def test_loading_a_config_imports_only_the_section_stages(tmp_path, brick_set, monkeypatch):
+    """Validating a config needs the section models only: the realism stage (torch, timm) is not imported."""
+    fresh = run_module.StageTable(run_module.STAGE_DEFINITIONS._modules)
+    monkeypatch.setattr(run_module, "STAGE_DEFINITIONS", fresh)
+    load_pipeline_config(data=_config(tmp_path, brick_set.root))
+    assert set(fresh._stages) == {"generate", "filter", "classification"}
 
 
 def _hashes(config: dict) -> dict[str, str]:
