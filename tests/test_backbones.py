@@ -3,6 +3,7 @@ models, local weight files are validated, and unavailable weights fail fast with
 
 from __future__ import annotations
 
+import os
 import time
 
 import huggingface_hub.constants
@@ -75,6 +76,48 @@ def test_the_wheel_is_read_once_and_no_caller_can_change_what_the_next_gets(monk
     assert len(second) == len(first) + 1
     assert torch.allclose(second[key], first[key] - 1.0, atol=1e-5) and not torch.equal(second[key], first[key])
     assert not any(torch.equal(a, b) for a, b in zip(extractor.parameters(), again.parameters(), strict=True))
+
+
+def test_a_loaded_extractor_is_built_once_copied_after_and_draws_no_global_randomness(monkeypatch, tmp_path):
+    """create_feature_extractor keeps one built extractor per (model, levels, weights file version) and hands out
+    copies: no timm build the second time, copies independent of each other, a rewritten weights file rebuilt,
+    and the global torch RNG untouched by first and later builds alike."""
+    builds = []
+    real_create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: builds.append(a) or real_create(*a, **k))
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = create_feature_extractor(LITE0, out_indices=(0, 4))  # levels no other test asks for: a first build
+    assert builds and torch.equal(torch.get_rng_state(), state)
+    builds.clear()
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)
+    second = create_feature_extractor(LITE0, out_indices=(0, 4))
+    assert builds == [] and torch.equal(torch.get_rng_state(), state)
+    assert second.weights_source == first.weights_source and second.feature_info.channels() == [16, 320]
+    reference = resolve_pretrained_weights(LITE0)["conv_stem.weight"]
+    assert torch.equal(second.conv_stem.weight, reference)  # the first caller's change did not reach the copy
+    assert not torch.equal(first.conv_stem.weight, reference)
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    fresh = real_create(LITE0, pretrained=False, features_only=True, out_indices=(0, 4))
+    fresh.load_state_dict({k: v for k, v in resolve_pretrained_weights(LITE0).items() if k in fresh.state_dict()})
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(second(x), fresh.eval()(x), strict=True))
+
+    # An explicit file: cached by its version, so a rewritten file is read again.
+    path = tmp_path / "lite0.safetensors"
+    weights = resolve_pretrained_weights(LITE0)
+    save_file(weights, str(path))
+    assert torch.equal(create_feature_extractor(LITE0, out_indices=(1,), weights=path).conv_stem.weight,
+                       weights["conv_stem.weight"])
+    changed = {**weights, "conv_stem.weight": weights["conv_stem.weight"] * 2}
+    save_file(changed, str(path))
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    builds.clear()
+    assert torch.equal(create_feature_extractor(LITE0, out_indices=(1,), weights=path).conv_stem.weight,
+                       changed["conv_stem.weight"])
+    assert builds, "a rewritten weights file is a new version"
 
 
 def test_wheel_maps_onto_timm_in_order_with_equal_shapes(wheel_state_dict):

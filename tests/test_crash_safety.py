@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from helpers import tree_digest
 
 from detect.base import Detector
 from detect.persistence import CONFIG_FILE, WEIGHTS_FILE
-from detect.runner import fit_model
+from detect.runner import fit_model, predict_to_folder
 from synth.toyset import load_texture, plant_defect, random_crop
 
 REPO = Path(__file__).resolve().parent.parent
@@ -147,7 +148,9 @@ def test_detect_fit_killed_at_random_points_writes_the_same_model(brick_set, tmp
     # --force over an existing model, killed mid-fit: the existing model is untouched until the new one is whole.
     (tmp_path / "other").mkdir()
     previous = tmp_path / "other" / "padim"
-    run_ok(fit_command(brick_set.root, previous, "--set", "seed=7"))
+    # The model to overwrite is fitted in process (what the CLI runs; the contract test shows both write the same).
+    fit_model("padim", brick_set.root, previous, options={"image_size": 64, "blur_sigma": 1, "seed": 7},
+              progress=False)
     before = tree_digest(previous)
     start = time.monotonic()
     kill_when(fit_command(brick_set.root, previous, "--force"), lambda: time.monotonic() - start >= duration / 2)
@@ -200,7 +203,14 @@ def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
     command = [sys.executable, "-m", "detect.cli", "predict", "-q", "--model-dir", str(model_dir), str(images),
                "--batch-size", "8", "--out"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    run_ok([*command, str(reference)])
+    # The uninterrupted run in process (what `detect predict` calls), on one torch thread like the CLI's
+    # processes (OMP_NUM_THREADS=1), so float reductions match byte for byte.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        predict_to_folder(model_dir, [images], reference, batch_size=8, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
     partial = killed / ".scores.partial.csv"
 

