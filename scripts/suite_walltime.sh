@@ -2,8 +2,9 @@
 # Interleaved full-suite wall times of two trees (scripts/results/test_suite_walltime.md).
 # Usage: BASE=../base_wt CUR=../cur_wt LOG=suite_walltime.log scripts/suite_walltime.sh
 #   (make the trees with `git worktree add ../base_wt <rev>`: siblings of ../shared, so real-data tests run in both).
-# Runs alternate B1 C1 B2 C2 B3 C3 (RUNS overrides; TESTS limits the test paths, e.g. for a dry run); each line of LOG: run, commit, exit status, wall seconds,
-# /proc/loadavg at start and end, pytest's summary. Run it on a quiet machine: nothing else beside it.
+# Runs alternate B1 C1 B2 C2 B3 C3 (RUNS overrides; TESTS limits the test paths, e.g. for a dry run). Each line
+# of LOG: run, commit, exit status, wall seconds, /proc/loadavg at start and end, pytest's summary.
+# Run it on a quiet machine: nothing else beside it.
 set -u
 LOG=$(realpath -m "${LOG:-suite_walltime.log}")
 for run in ${RUNS:-B1 C1 B2 C2 B3 C3}; do

@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from skimage import data
 
+from synth.core import backbones
 from synth.core.backbones import (
     bundled_weights_file,
     create_backbone,
@@ -85,10 +86,11 @@ def test_a_loaded_extractor_is_built_once_copied_after_and_draws_no_global_rando
     builds = []
     real_create = timm.create_model
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: builds.append(a) or real_create(*a, **k))
+    monkeypatch.setattr(backbones, "_EXTRACTOR_TEMPLATES", {})  # whatever ran before, the next call builds
 
     torch.manual_seed(0)
     state = torch.get_rng_state()
-    first = create_feature_extractor(LITE0, out_indices=(0, 4))  # levels no other test asks for: a first build
+    first = create_feature_extractor(LITE0, out_indices=(0, 4))
     assert builds and torch.equal(torch.get_rng_state(), state)
     builds.clear()
     with torch.no_grad():

